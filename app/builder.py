@@ -1,0 +1,46 @@
+"""Serve application builder: `import_path: app.builder:build_app` with our AppConfig as `args`."""
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray import serve
+
+from app.config import AppConfig
+from app.controller import CONTROLLER_NAME, Controller
+from app.ingress import Ingress
+from app.worker import ModelWorker
+
+log = logging.getLogger("ray.serve")
+
+
+def gpu_resource(gpu: int) -> str:
+    """Per-GPU custom resource: what lets the placement choose co-location (fractional num_gpus alone is
+    first-fit and model-blind)."""
+    return f"fineserve_gpu_{gpu}"
+
+
+def build_app(args: dict):
+    cfg = AppConfig(**args)
+    have = ray.cluster_resources()
+    pinned = all(have.get(gpu_resource(g), 0) >= 1 for g in range(cfg.num_gpus))
+    if not pinned:
+        log.warning("fineserve: the cluster has no %s resources, so Ray's first-fit decides which GPU each "
+                    "model lands on; start it with `fineserve serve` (or RAY_OVERRIDE_RESOURCES) to apply the "
+                    "placement", [gpu_resource(g) for g in range(cfg.num_gpus)])
+    controller = Controller.options(name=CONTROLLER_NAME, namespace=cfg.namespace, lifetime="detached",
+                                    get_if_exists=True).remote()
+    ray.get(controller.configure.remote(cfg.model_dump(), pinned))
+    workers = {}
+    for m in cfg.models:
+        opts = {"num_gpus": m.gpu_fraction, "num_cpus": 0,
+                # indices stay physical, so the CUDA IPC handle of the GPU's KV buffer opens as is
+                "runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
+        if pinned:
+            opts["resources"] = {gpu_resource(m.gpu): m.gpu_fraction}
+        dep = serve.deployment(ModelWorker).options(
+            name=m.deployment_name, num_replicas=m.replicas, ray_actor_options=opts,
+            max_ongoing_requests=4 * m.engine.max_num_seqs, health_check_period_s=5)
+        workers[m.tier] = dep.bind(m.model_dump(), cfg.model_dump(), pinned)
+    ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    return ingress.bind(workers, cfg.model_dump())

@@ -1,0 +1,132 @@
+"""GpuSlabManager: one Ray actor per GPU owning that GPU's single KV buffer and its slab tables.
+
+Workers on the GPU map the same buffer (a CUDA IPC handle on GPU; a shared file in /dev/shm on CPU)
+and allocate blocks through the actor behind their local BlockCache, so the manager's bookkeeping is
+the only allocator state. The buffer is sized once, from the config, before any model loads: two
+models starting together can never each size "free memory" that the other is about to take.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from fineserve_core.kv_slab import KVOutOfMemory, KVSlabManager, ModelKVSpec, StaticPartitionAllocator
+
+
+class GpuSlabManager:
+    def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "kv_slab"):
+        self.gpu, self.device = gpu, torch.device(device)
+        self._path = None
+        if self.device.type == "cuda":
+            buf = torch.empty(kv_bytes, dtype=torch.uint8, device=self.device)
+        else:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            fd, self._path = tempfile.mkstemp(prefix=f"fineserve-kv-gpu{gpu}-", dir=shm)
+            os.close(fd)
+            buf = torch.from_file(self._path, shared=True, size=kv_bytes, dtype=torch.uint8)
+        cls = KVSlabManager if policy == "kv_slab" else StaticPartitionAllocator
+        self.alloc_impl = cls(buf, specs)
+        self.buffer = buf
+
+    def buffer_handle(self):
+        """What a worker needs to map the buffer in its own process."""
+        if self._path is None:
+            from torch.multiprocessing.reductions import reduce_tensor
+            return ("cuda", reduce_tensor(self.buffer))
+        return ("file", self._path, self.buffer.numel())
+
+    def region(self, model_id: str) -> tuple[tuple, tuple, int]:
+        """(shape, stride, byte offset) of the model's region inside the buffer."""
+        r = self.alloc_impl.kv_region(model_id)
+        return tuple(r.shape), tuple(r.stride()), r.storage_offset() - self.buffer.storage_offset()
+
+    def spec(self, model_id: str) -> ModelKVSpec:
+        return self.alloc_impl.spec(model_id)
+
+    def alloc(self, model_id: str, n: int) -> list[int] | None:
+        """None when memory is short (the caller raises KVOutOfMemory in its own process)."""
+        try:
+            return self.alloc_impl.alloc(model_id, n)
+        except KVOutOfMemory:
+            return None
+
+    def free(self, model_id: str, ids: list[int]) -> None:
+        self.alloc_impl.free(model_id, ids)
+
+    def free_all(self, model_id: str) -> int:
+        """Reclaim every block a model holds (its replica died or was moved away)."""
+        ids = list(self.alloc_impl.owned_blocks(model_id))
+        if ids:
+            self.alloc_impl.free(model_id, ids)
+        return len(ids)
+
+    def num_free_blocks(self, model_id: str) -> int:
+        return self.alloc_impl.num_free_blocks(model_id)
+
+    def num_blocks(self, model_id: str) -> int:
+        return self.alloc_impl.num_blocks(model_id)
+
+    def num_allocated_blocks(self, model_id: str) -> int:
+        return self.alloc_impl.num_allocated_blocks(model_id)
+
+    def stats(self) -> dict:
+        return self.alloc_impl.stats()
+
+    def fragmentation(self, live_tokens: dict[str, int], failing_model: str | None = None) -> dict:
+        return self.alloc_impl.fragmentation(live_tokens, failing_model).to_dict()
+
+    def __del__(self):
+        if self._path:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+
+class RemoteAllocator:
+    """The worker's side: KVAllocator over a GpuSlabManager actor, with the buffer mapped locally."""
+
+    def __init__(self, actor):
+        import ray
+        self._ray, self.actor = ray, actor
+        handle = ray.get(actor.buffer_handle.remote())
+        if handle[0] == "cuda":
+            fn, args = handle[1]
+            self.buffer = fn(*args)
+        else:
+            self.buffer = torch.from_file(handle[1], shared=True, size=handle[2], dtype=torch.uint8)
+        self.buffer_bytes = self.buffer.numel()
+        self.handle_desc = handle[1] if handle[0] == "file" else f"cuda-ipc:{self.buffer.device}"
+        self._specs: dict[str, ModelKVSpec] = {}
+
+    def _get(self, ref):
+        return self._ray.get(ref)
+
+    def spec(self, model_id: str) -> ModelKVSpec:
+        if model_id not in self._specs:
+            self._specs[model_id] = self._get(self.actor.spec.remote(model_id))
+        return self._specs[model_id]
+
+    def kv_region(self, model_id: str) -> torch.Tensor:
+        shape, stride, offset = self._get(self.actor.region.remote(model_id))
+        return self.buffer.as_strided(shape, stride, self.buffer.storage_offset() + offset)
+
+    def alloc(self, model_id: str, n: int) -> list[int]:
+        ids = self._get(self.actor.alloc.remote(model_id, n))
+        if ids is None:
+            raise KVOutOfMemory(f"GPU KV Slab has fewer than {n} free blocks for {model_id!r}")
+        return ids
+
+    def free(self, model_id: str, ids) -> None:
+        self._get(self.actor.free.remote(model_id, list(ids)))
+
+    def num_free_blocks(self, model_id: str) -> int:
+        return self._get(self.actor.num_free_blocks.remote(model_id))
+
+    def num_blocks(self, model_id: str) -> int:
+        return self._get(self.actor.num_blocks.remote(model_id))
+
+    def num_allocated_blocks(self, model_id: str) -> int:
+        return self._get(self.actor.num_allocated_blocks.remote(model_id))

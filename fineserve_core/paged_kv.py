@@ -1,0 +1,50 @@
+"""One model's view of its KV region in the KV Slab buffer: per-layer typed block views, write and gather."""
+from __future__ import annotations
+
+import torch
+
+from fineserve_core.kv_format import KVFormat
+
+
+class PagedKVCache:
+    def __init__(self, fmt: KVFormat, region: torch.Tensor):
+        """`region` is the allocator's uint8 view [num_layers, 2, bytes]: K at [:, 0], V at [:, 1]."""
+        self.fmt = fmt
+        self.k = [fmt.views(region[layer, 0]) for layer in range(region.shape[0])]
+        self.v = [fmt.views(region[layer, 1]) for layer in range(region.shape[0])]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [n, Hkv, D] of n new tokens at their slots."""
+        T = self.fmt.tokens_per_block
+        blocks, offs = slots // T, slots % T
+        for (data, scale), x in ((self.k[layer], k), (self.v[layer], v)):
+            p = self.fmt.precision
+            if p == "bf16":
+                data[blocks, :, offs] = x.to(data.dtype)
+            elif p == "fp8":
+                from fineserve_core.quant import quantize_kv_fp8
+                data[blocks, :, offs] = quantize_kv_fp8(x)
+            else:
+                from fineserve_core.quant import quantize_kv_int4
+                packed, s = quantize_kv_int4(x)
+                data[blocks, :, offs] = packed
+                scale[blocks, :, offs] = s
+
+    def gather(self, layer: int, block_ids: list[int], n: int, dtype: torch.dtype | None = None):
+        """K and V of the first n tokens of a sequence, [Hkv, n, D], dequantized to `dtype`."""
+        idx = torch.tensor(block_ids, device=self.k[layer][0].device)
+        return self._read(self.k[layer], idx, n, dtype), self._read(self.v[layer], idx, n, dtype)
+
+    def _read(self, views, idx, n, dtype):
+        data, scale = views
+        H = self.fmt.num_kv_heads
+        x = data[idx].transpose(0, 1).reshape(H, -1, data.shape[-1])[:, :n]
+        p = self.fmt.precision
+        if p == "w4a8kv4":
+            from fineserve_core.quant import dequantize_kv_int4
+            s = scale[idx].transpose(0, 1).reshape(H, -1)[:, :n]
+            x = dequantize_kv_int4(x, s)
+        elif p == "fp8":
+            from fineserve_core.quant import dequantize_kv_fp8
+            x = dequantize_kv_fp8(x)
+        return x.to(dtype or (self.fmt.dtype if p == "bf16" else torch.float32))

@@ -1,0 +1,172 @@
+"""The engine on the real SmolLM2-135M in float32 against transformers' generate, token for token."""
+import asyncio
+
+import pytest
+import torch
+
+from fineserve_core.async_engine import AsyncEngine
+from fineserve_core.config import EngineConfig
+from fineserve_core.engine import Engine, RequestError
+from fineserve_core.kv_format import KVFormat
+from fineserve_core.kv_slab import KVSlabManager
+from fineserve_core.sampling import SamplingParams
+
+NEW_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def hf_outputs(smollm2, prompts):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               temperature=None, top_p=None, top_k=None, repetition_penalty=1.0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu"))
+    yield eng
+    eng.close()
+
+
+def test_greedy_matches_transformers(engine, prompts, hf_outputs):
+    got = [o["token_ids"] for o in engine.generate(prompts, GREEDY)]
+    for i, (g, ref) in enumerate(zip(got, hf_outputs)):
+        assert g == ref, f"prompt {i}: ours {g} != transformers {ref}"
+    assert len(prompts) >= 10
+
+
+def test_continuous_batching_with_staggered_arrivals_and_chunked_prefill(prompts, hf_outputs):
+    # a small token budget forces chunked prefills that share steps with other sequences' decodes
+    eng = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu", max_num_batched_tokens=16,
+                              max_num_seqs=5))
+    seqs, step, pending = {}, 0, list(enumerate(prompts))
+    mixed_steps = 0
+    while pending or any(not s.finished for s in seqs.values()):
+        if pending and step % 3 == 0:                   # a new request every third step
+            i, ids = pending.pop(0)
+            seqs[i] = eng.add_request(f"r{i}", ids, GREEDY)
+        batch_before = [(s.num_computed, len(s)) for s in eng.scheduler.running]
+        eng.step()
+        decodes = sum(1 for c, n in batch_before if n - c == 1)
+        mixed_steps += decodes > 0 and len(batch_before) > decodes
+        step += 1
+    for i, ref in enumerate(hf_outputs):
+        assert seqs[i].output_ids == ref, f"prompt {i}"
+    assert mixed_steps > 0, "no step mixed prefill and decode"
+    eng.close()
+
+
+def test_preemption_under_tiny_kv_budget_keeps_outputs(smollm2, prompts, hf_outputs):
+    # room for 12 blocks of 8 tokens: sequences outgrow it as they decode, so the scheduler must preempt
+    cfg = smollm2.config
+    fmt = KVFormat.for_model("bf16", cfg.num_kv_heads, cfg.head_dim, torch.float32, tokens_per_block=8)
+    tiny = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=16,
+                               max_num_batched_tokens=64, tokens_per_block=8,
+                               kv_cache_bytes=fmt.block_bytes * 2 * cfg.num_layers * 12))
+    outs = tiny.generate(prompts, GREEDY)
+    assert tiny.scheduler.num_preemptions > 0
+    for i, (o, ref) in enumerate(zip(outs, hf_outputs)):
+        assert o["token_ids"] == ref, f"prompt {i}"
+    tiny.close()
+
+
+def test_two_models_share_one_kv_slab_buffer(prompts, hf_outputs):
+    a = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu"), allocator=None, model_id="a")
+    spec_a = a.kv_spec()
+    a.close()
+    from dataclasses import replace
+    buf = torch.empty(256 << 20, dtype=torch.uint8)
+    mgr = KVSlabManager(buf, [spec_a, replace(spec_a, model_id="b")])
+    ea = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu"), allocator=mgr, model_id="a")
+    eb = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu"), allocator=mgr, model_id="b")
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+    for e in (ea, eb):
+        assert lo <= e.kv.k[0][0].data_ptr() < hi
+    sa = ea.add_request("x", prompts[0], GREEDY)
+    sb = eb.add_request("y", prompts[1], GREEDY)
+    while not (sa.finished and sb.finished):
+        ea.step()
+        eb.step()
+    assert sa.output_ids == hf_outputs[0] and sb.output_ids == hf_outputs[1]
+    ea.close()
+    eb.close()
+    assert mgr.num_free_blocks("a") == mgr.num_free_blocks("b") > 0
+    assert all(v == 0 for v in _allocated(mgr).values())
+
+
+def _allocated(mgr) -> dict:
+    return {m: mgr.num_blocks(m) - mgr.num_free_blocks(m) for m in ("a", "b")}
+
+
+def test_sampling_seed_stop_and_length(engine, prompts):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    a, b = engine.generate([prompts[1], prompts[1]], p)
+    assert a["token_ids"] == b["token_ids"], "same seed must give the same tokens"
+    top1 = engine.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=0.7, top_k=1))[0]
+    greedy = engine.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert top1["token_ids"] == greedy["token_ids"]
+    assert greedy["finish_reason"] == "length" and len(greedy["token_ids"]) == 8
+    full = engine.generate([prompts[1]], SamplingParams(max_tokens=20, temperature=0.0))[0]["text"]
+    word = full.split()[3]
+    cut = engine.generate([prompts[1]], SamplingParams(max_tokens=20, temperature=0.0, stop=[word]))[0]
+    assert cut["finish_reason"] == "stop" and word not in cut["text"] and full.startswith(cut["text"])
+
+
+def test_bad_requests_are_refused_clearly(engine):
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("e1", [], GREEDY)
+    with pytest.raises(RequestError, match="context length"):
+        engine.add_request("e2", [1] * 10, SamplingParams(max_tokens=engine.max_model_len))
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request("e3", [10**9], GREEDY)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(bogus=1)
+    engine.add_request("dup", [1, 2, 3], GREEDY)
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request("dup", [1, 2, 3], GREEDY)
+    engine.abort("dup")
+    assert not engine.has_unfinished()
+
+
+def test_async_streaming_and_cancellation_frees_blocks(prompts, hf_outputs):
+    eng = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu"))
+    aeng = AsyncEngine(eng)
+    free0 = eng.blocks.num_free_blocks()
+
+    async def main():
+        toks, deltas = [], []
+        async for out in aeng.generate("s1", prompts[2], GREEDY):
+            toks += out.new_token_ids
+            deltas.append(out.delta_text)
+        assert toks == hf_outputs[2]
+        assert "".join(deltas) == eng.tokenizer.decode(toks, skip_special_tokens=True)
+        # leave a long stream after 3 tokens: the request must be aborted and its blocks freed
+        n = 0
+        async for _ in aeng.generate("s2", prompts[3], SamplingParams(max_tokens=200, temperature=0.0)):
+            n += 1
+            if n == 3:
+                break
+        for _ in range(100):
+            if not eng.has_unfinished():
+                break
+            await asyncio.sleep(0.02)
+        assert not eng.has_unfinished()
+        with pytest.raises(RequestError):
+            async for _ in aeng.generate("s3", [], GREEDY):
+                pass
+
+    asyncio.run(main())
+    aeng.shutdown()
+    assert eng.blocks.num_free_blocks() == free0
