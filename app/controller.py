@@ -105,4 +105,4 @@ class Controller:
         return {g: ray.get(h.stats.remote()) for g, h in self.managers.items()}
 
 
-GpuSlabManagerActor = ray.remote(num_cpus=0)(GpuSlabManager)
+GpuSlabManagerActor = ray.remote(num_cpus=0, max_concurrency=16)(GpuSlabManager)

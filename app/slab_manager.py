@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 
 import torch
 
 from fineserve_core.kv_slab import KVOutOfMemory, KVSlabManager, ModelKVSpec, StaticPartitionAllocator
 
 
+LOAD_TIMEOUT_S = 900
+
+
 class GpuSlabManager:
+    """Run as a threaded actor (max_concurrency > 1): `begin_load` waits while another model loads."""
+
     def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "kv_slab"):
         self.gpu, self.device = gpu, torch.device(device)
         self._path = None
+        self._loading: tuple[str, float] | None = None
+        self._load_cv = threading.Condition()
+        self._live: dict[str, int] = {}
         if self.device.type == "cuda":
             buf = torch.empty(kv_bytes, dtype=torch.uint8, device=self.device)
         else:
@@ -29,6 +39,32 @@ class GpuSlabManager:
         cls = KVSlabManager if policy == "kv_slab" else StaticPartitionAllocator
         self.alloc_impl = cls(buf, specs)
         self.buffer = buf
+        self._metrics = _SlabMetrics(gpu)
+        threading.Thread(target=self._publish, name="slab-metrics", daemon=True).start()
+
+    def begin_load(self, model_id: str) -> None:
+        """Models load onto a GPU one at a time (a replica that died mid-load frees the slot after a timeout)."""
+        with self._load_cv:
+            while self._loading and self._loading[0] != model_id and time.monotonic() - self._loading[1] < LOAD_TIMEOUT_S:
+                self._load_cv.wait(1.0)
+            self._loading = (model_id, time.monotonic())
+
+    def end_load(self, model_id: str) -> None:
+        with self._load_cv:
+            if self._loading and self._loading[0] == model_id:
+                self._loading = None
+            self._load_cv.notify_all()
+
+    def report_live_tokens(self, model_id: str, n: int) -> None:
+        self._live[model_id] = n
+
+    def _publish(self) -> None:
+        while True:
+            try:
+                self._metrics.update(self.alloc_impl.stats(), self.alloc_impl.fragmentation(dict(self._live)))
+            except Exception:          # metrics must never take the allocator down
+                pass
+            time.sleep(1.0)
 
     def buffer_handle(self):
         """What a worker needs to map the buffer in its own process."""
@@ -83,6 +119,26 @@ class GpuSlabManager:
                 os.unlink(self._path)
             except OSError:
                 pass
+
+
+class _SlabMetrics:
+    """KV Slab gauges through Ray's Prometheus export (ray_fineserve_kv_slabs, ray_fineserve_kv_fragmentation)."""
+
+    def __init__(self, gpu: int):
+        from ray.util.metrics import Gauge
+        self.gpu = str(gpu)
+        self.slabs = Gauge("fineserve_kv_slabs", "KV slabs per GPU by state and precision", ("gpu", "state", "precision"))
+        self.frag = Gauge("fineserve_kv_fragmentation", "KV bytes wasted / buffer bytes", ("gpu",))
+        self.eff = Gauge("fineserve_kv_efficiency", "live-token KV bytes / buffer bytes", ("gpu",))
+
+    def update(self, stats: dict, report) -> None:
+        free = sum(p.get("free_slabs", 0) for p in stats.get("pools", {}).values())
+        self.slabs.set(free, {"gpu": self.gpu, "state": "free", "precision": "-"})
+        for prec, d in stats.get("precisions", {}).items():
+            self.slabs.set(d.get("partial_slabs", 0), {"gpu": self.gpu, "state": "partial", "precision": prec})
+            self.slabs.set(d.get("full_slabs", 0), {"gpu": self.gpu, "state": "full", "precision": prec})
+        self.frag.set(report.wasted_fraction, {"gpu": self.gpu})
+        self.eff.set(report.kv_efficiency, {"gpu": self.gpu})
 
 
 class RemoteAllocator:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import ray
@@ -47,8 +48,13 @@ class ModelWorker:
                             device=device, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                             max_model_len=e.max_model_len, tokens_per_block=e.tokens_per_block, seed=e.seed,
                             scheduler=self.cfg.scheduler)
-        engine = Engine(ecfg, allocator=RemoteAllocator(manager), model_id=self.cfg.tier)
-        tpt = engine.measure_ttft_per_token()
+        ray.get(manager.begin_load.remote(self.cfg.tier))       # one model loads on a GPU at a time
+        try:
+            engine = Engine(ecfg, allocator=RemoteAllocator(manager), model_id=self.cfg.tier)
+            tpt = engine.measure_ttft_per_token()
+        finally:
+            manager.end_load.remote(self.cfg.tier)
+        self.manager = manager
         engine.scheduler.ttft_per_token = tpt
         self.ttft_slo = (self.cfg.slo.ttft_ms / 1e3 if self.cfg.slo.ttft_ms
                          else self.cfg.slo.ttft_scale * tpt * SLO_LEN)
@@ -67,6 +73,20 @@ class ModelWorker:
         for m in (self.m_ttft, self.m_tpot, self.m_e2e, self.m_req, self.m_tok, self.m_running, self.m_waiting, self.m_kv):
             m.set_default_tags(dict(tags))          # Serve adds its own tags to the dict it gets
         self.started = time.time()
+        threading.Thread(target=self._publish, name="worker-metrics", daemon=True).start()
+
+    def _publish(self) -> None:
+        """Gauges and the manager's live-token count, once a second (reads engine state without a lock:
+        a slightly stale number is fine for metrics)."""
+        while self.aengine.error is None:
+            e = self.engine
+            running = list(e.scheduler.running)
+            self.m_running.set(len(running))
+            self.m_waiting.set(len(e.scheduler.waiting))
+            self.m_kv.set(e.blocks.num_in_use, tags={"state": "in_use"})
+            self.m_kv.set(e.blocks.num_cached, tags={"state": "cached"})
+            self.manager.report_live_tokens.remote(self.cfg.tier, sum(s.num_computed for s in running))
+            time.sleep(1.0)
 
     def info(self) -> dict:
         e = self.engine
@@ -129,11 +149,6 @@ class ModelWorker:
         met = m.get("ttft") is not None and m["ttft"] <= self.ttft_slo
         self.m_req.inc(tags={"outcome": "slo_met" if met else "slo_missed"})
         self.m_tok.inc(out.completion_tokens)
-        e = self.engine
-        self.m_running.set(len(e.scheduler.running))
-        self.m_waiting.set(len(e.scheduler.waiting))
-        self.m_kv.set(e.blocks.num_in_use, tags={"state": "in_use"})
-        self.m_kv.set(e.blocks.num_cached, tags={"state": "cached"})
 
     def record_autoscaling_stats(self) -> dict:
         e = self.engine

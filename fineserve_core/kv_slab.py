@@ -603,18 +603,23 @@ class _Region:
 class StaticPartitionAllocator:
     """The vLLM/MuxServe baseline: each model a fixed contiguous region of the buffer, its own blocks only.
 
-    Model m's share of the buffer is rate_m * bytes_per_token_m / sum over models, i.e. every model's
-    region holds the same number of tokens per unit of request rate (the best a static split can do for
-    a given mean load). Regions hold whole blocks; bytes left by rounding stay unused. A region must
-    hold one full prefill batch (max_num_batched_tokens), else ValueError.
+    How the buffer is split (`share`):
+      * "demand" (default): rate_m * bytes_per_token_m, i.e. every region holds the same number of
+        tokens per unit of request rate -- the best a static split can do for a known mean load;
+      * "equal": the same bytes per model, as when each vLLM instance gets an equal
+        gpu_memory_utilization.
+    Regions hold whole blocks; bytes left by rounding stay unused. A region must hold one full
+    prefill batch (max_num_batched_tokens), else ValueError.
     """
 
-    def __init__(self, buffer: torch.Tensor, specs: Sequence[ModelKVSpec]):
+    def __init__(self, buffer: torch.Tensor, specs: Sequence[ModelKVSpec], share: str = "demand"):
         _check_buffer(buffer)
+        if share not in ("demand", "equal"):
+            raise ValueError(f"unknown static share {share!r} (demand or equal)")
         self._book = _ModelBook(_check_specs(specs))
         self.buffer = buffer
         self.buffer_bytes = buffer.numel()
-        weights = {s.model_id: s.rate * s.bytes_per_token for s in specs}
+        weights = {s.model_id: (s.rate * s.bytes_per_token if share == "demand" else 1.0) for s in specs}
         total = sum(weights.values())
         if total <= 0:
             weights = {s.model_id: s.bytes_per_token for s in specs}
