@@ -6,6 +6,7 @@ import logging
 import ray
 from ray import serve
 
+from app.auth import load_key_digests
 from app.config import AppConfig
 from app.controller import CONTROLLER_NAME, Controller
 from app.ingress import Ingress
@@ -22,14 +23,17 @@ def gpu_resource(gpu: int) -> str:
 
 def build_app(args: dict):
     cfg = AppConfig(**args)
+    # read the API keys here, where the operator's environment is; only their digests go on (never logged)
+    key_digests = load_key_digests(cfg.api_keys_env, cfg.api_keys_file)
     have = ray.cluster_resources()
     pinned = all(have.get(gpu_resource(g), 0) >= 1 for g in range(cfg.num_gpus))
     if not pinned:
         log.warning("fineserve: the cluster has no %s resources, so Ray's first-fit decides which GPU each "
                     "model lands on; start it with `fineserve serve` (or RAY_OVERRIDE_RESOURCES) to apply the "
                     "placement", [gpu_resource(g) for g in range(cfg.num_gpus)])
+    # restarted by Ray if its process dies; serving never waits on it (workers talk to the slab managers)
     controller = Controller.options(name=CONTROLLER_NAME, namespace=cfg.namespace, lifetime="detached",
-                                    get_if_exists=True).remote()
+                                    get_if_exists=True, max_restarts=-1).remote()
     ray.get(controller.configure.remote(cfg.model_dump(), pinned))
     workers = {}
     for m in cfg.models:
@@ -38,9 +42,17 @@ def build_app(args: dict):
                 "runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
         if pinned:
             opts["resources"] = {gpu_resource(m.gpu): m.gpu_fraction}
+        # bounded queues: a burst past max_ongoing + max_queued is refused at once (BackPressureError in
+        # the ingress -> 429 + Retry-After) instead of queueing without limit
         dep = serve.deployment(ModelWorker).options(
             name=m.deployment_name, num_replicas=m.replicas, ray_actor_options=opts,
-            max_ongoing_requests=4 * m.engine.max_num_seqs, health_check_period_s=5)
+            max_ongoing_requests=m.ongoing_limit, max_queued_requests=m.queued_limit,
+            backpressure_config={"status_code": 429, "retry_after_s": cfg.ingress.retry_after_s},
+            health_check_period_s=5)
         workers[m.tier] = dep.bind(m.model_dump(), cfg.model_dump(), pinned)
-    ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return ingress.bind(workers, cfg.model_dump())
+    ing = cfg.ingress
+    ingress = serve.deployment(Ingress).options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ing.max_ongoing_requests,
+        max_queued_requests=ing.max_queued_requests,
+        backpressure_config={"status_code": 429, "retry_after_s": ing.retry_after_s})
+    return ingress.bind(workers, cfg.model_dump(), key_digests)

@@ -48,7 +48,7 @@ def start_cluster(num_gpus: int, dashboard_port: int = 28265, temp_dir: str | No
     return temp_dir
 
 
-def deploy(raw: dict, blocking: bool = True) -> None:
+def deploy(raw: dict, blocking: bool = True, logging_config: dict | None = None) -> None:
     from ray import serve
     from app.builder import build_app
     app = raw["applications"][0]
@@ -56,7 +56,9 @@ def deploy(raw: dict, blocking: bool = True) -> None:
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 18000)})
     t0 = time.perf_counter()
     serve.run(build_app(app.get("args") or {}), name=app.get("name", "default"),
-              route_prefix=app.get("route_prefix", "/"), blocking=False)
+              route_prefix=app.get("route_prefix", "/"), blocking=False,
+              external_scaler_enabled=app.get("external_scaler_enabled", False),   # the controller's autoscaling
+              logging_config=logging_config)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 18000)}{app.get('route_prefix', '/')}"
     print(f"fineserve: app {app.get('name')!r} is ready at {url} ({time.perf_counter() - t0:.0f}s); "
           f"try: curl {url.rstrip('/')}/v1/models", flush=True)

@@ -7,6 +7,7 @@ models starting together can never each size "free memory" that the other is abo
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -16,14 +17,35 @@ import torch
 
 from fineserve_core.kv_slab import KVOutOfMemory, KVSlabManager, ModelKVSpec, StaticPartitionAllocator
 
-
+log = logging.getLogger("ray.serve")
 LOAD_TIMEOUT_S = 900
+REAP_PERIOD_S = 2.0      # how often the manager looks for dead replicas still holding blocks
+PRISM_PAGE_BYTES = 2 << 20   # Prism's elastic KV: one shared pool of 2 MiB pages whatever the precision
+
+
+def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec]):
+    """The GPU's KV allocator under an app `policy` (AppConfig.policy): the baselines differ only here
+    and in the local queue policy."""
+    if policy == "fineserve":
+        try:
+            return KVSlabManager(buf, specs)                   # slabs of 2 x lcm(block sizes), FineServe's
+        except ValueError as e:
+            # 2 x lcm of several formats' block sizes can be tens of MB per layer: too coarse for a small
+            # buffer. Then FineServe's sizing with padding at slab edges (as the simulator falls back)
+            log.warning("fineserve KV Slab: %s; using padded slabs", e)
+            return KVSlabManager(buf, specs, policy="padded")
+    if policy == "static":
+        return StaticPartitionAllocator(buf, specs, share="demand")
+    if policy == "prism":
+        # precision-unaware pages: a page holds blocks of one format, padded where 2 MiB is not a multiple
+        return KVSlabManager(buf, specs, slab_size=PRISM_PAGE_BYTES, policy="padded")
+    raise ValueError(f"unknown KV policy {policy!r} (fineserve, static or prism)")
 
 
 class GpuSlabManager:
     """Run as a threaded actor (max_concurrency > 1): `begin_load` waits while another model loads."""
 
-    def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "kv_slab"):
+    def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "fineserve"):
         self.gpu, self.device = gpu, torch.device(device)
         self._path = None
         self._loading: tuple[str, float] | None = None
@@ -36,11 +58,17 @@ class GpuSlabManager:
             fd, self._path = tempfile.mkstemp(prefix=f"fineserve-kv-gpu{gpu}-", dir=shm)
             os.close(fd)
             buf = torch.from_file(self._path, shared=True, size=kv_bytes, dtype=torch.uint8)
-        cls = KVSlabManager if policy == "kv_slab" else StaticPartitionAllocator
-        self.alloc_impl = cls(buf, specs)
+        self.policy = policy
+        self.alloc_impl = make_allocator(policy, buf, specs)
         self.buffer = buf
         self._metrics = _SlabMetrics(gpu)
+        # which replica holds which blocks, so a dead replica's blocks can go back to the pool
+        self._owners: dict[str, tuple[str, object]] = {}      # owner (actor id) -> (model id, actor handle)
+        self._owned: dict[str, set[int]] = {}                   # owner -> block ids
+        self._owner_lock = threading.Lock()
+        self.reclaimed: list[dict] = []
         threading.Thread(target=self._publish, name="slab-metrics", daemon=True).start()
+        threading.Thread(target=self._reap_loop, name="slab-reaper", daemon=True).start()
 
     def begin_load(self, model_id: str) -> None:
         """Models load onto a GPU one at a time (a replica that died mid-load frees the slot after a timeout)."""
@@ -81,15 +109,79 @@ class GpuSlabManager:
     def spec(self, model_id: str) -> ModelKVSpec:
         return self.alloc_impl.spec(model_id)
 
-    def alloc(self, model_id: str, n: int) -> list[int] | None:
+    def alloc(self, model_id: str, n: int, owner: str | None = None) -> list[int] | None:
         """None when memory is short (the caller raises KVOutOfMemory in its own process)."""
         try:
-            return self.alloc_impl.alloc(model_id, n)
+            ids = self.alloc_impl.alloc(model_id, n)
         except KVOutOfMemory:
             return None
+        if owner is not None:
+            with self._owner_lock:
+                self._owned.setdefault(owner, set()).update(ids)
+        return ids
 
-    def free(self, model_id: str, ids: list[int]) -> None:
+    def free(self, model_id: str, ids: list[int], owner: str | None = None) -> None:
+        if owner is not None:
+            with self._owner_lock:
+                owned = self._owned.get(owner)
+                if owned is None:          # reclaimed already: the owner was taken for dead
+                    return
+                owned.difference_update(ids)
         self.alloc_impl.free(model_id, ids)
+
+    # ---- replicas that die without freeing their blocks ----------------------------------------
+    def register_owner(self, model_id: str, owner: str, handle) -> None:
+        """A replica announces itself (its actor id and handle) before it allocates anything."""
+        with self._owner_lock:
+            self._owners[owner] = (model_id, handle)
+            self._owned.setdefault(owner, set())
+
+    def free_owner(self, owner: str, reason: str = "released") -> int:
+        """Return every block an owner holds to the pool (it died, or left the GPU)."""
+        with self._owner_lock:
+            model_id, _ = self._owners.pop(owner, (None, None))
+            ids = sorted(self._owned.pop(owner, set()))
+        if model_id is not None and ids:
+            self.alloc_impl.free(model_id, ids)
+        if model_id is not None:
+            self.reclaimed.append({"time": time.time(), "owner": owner, "model": model_id, "blocks": len(ids),
+                                   "reason": reason})
+        return len(ids)
+
+    def reap(self, timeout_s: float = 5.0, skip: str | None = None) -> int:
+        """Free the blocks of every registered owner whose actor is dead; a busy or unreachable one is
+        left alone (only ActorDiedError counts). `skip`: the caller itself (still in its constructor, it
+        cannot answer). Returns the number of blocks reclaimed."""
+        import ray
+        with self._owner_lock:
+            owners = [(o, v) for o, v in self._owners.items() if o != skip]
+        if not owners:
+            return 0
+        refs = {owner: h.__ray_ready__.remote() for owner, (_, h) in owners}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        ready, n = set(ready), 0
+        for owner, ref in refs.items():
+            if ref not in ready:
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError:
+                n += self.free_owner(owner, "owner died")
+            except Exception:
+                pass
+        return n
+
+    def _reap_loop(self) -> None:
+        while True:
+            time.sleep(REAP_PERIOD_S)
+            try:
+                self.reap()
+            except Exception:          # never take the allocator down
+                pass
+
+    def owners(self) -> dict:
+        with self._owner_lock:
+            return {o: {"model": m, "blocks": len(self._owned.get(o, ()))} for o, (m, _) in self._owners.items()}
 
     def free_all(self, model_id: str) -> int:
         """Reclaim every block a model holds (its replica died or was moved away)."""
@@ -113,8 +205,25 @@ class GpuSlabManager:
     def fragmentation(self, live_tokens: dict[str, int], failing_model: str | None = None) -> dict:
         return self.alloc_impl.fragmentation(live_tokens, failing_model).to_dict()
 
+    def snapshot(self) -> dict:
+        """Occupancy and fragmentation now, with the live-token counts the workers last reported (for
+        load tests). `worst_*`: the waste as seen by the model that loses most to it if it runs out now
+        (free blocks it cannot use: other formats' partial slabs, other models' static regions)."""
+        a, live = self.alloc_impl, dict(self._live)
+        frag = a.fragmentation(live)
+        worst = max((a.fragmentation(live, m) for m in a.model_ids), key=lambda r: r.wasted_bytes)
+        stats = a.stats()
+        return {"time": time.time(), "gpu": self.gpu, "policy": self.policy, "slab_policy": stats.get("policy"),
+                "slab_size": stats.get("slab_size"), "buffer_bytes": frag.buffer_bytes,
+                "live_bytes": frag.live_bytes, "allocated_bytes": frag.allocated_bytes,
+                "wasted_bytes": frag.wasted_bytes, "wasted_fraction": frag.wasted_fraction,
+                "kv_efficiency": frag.kv_efficiency, "worst_wasted_bytes": worst.wasted_bytes,
+                "worst_wasted_fraction": worst.wasted_fraction, "worst_failing_model": worst.failing_model,
+                "models": {m: {"allocated_blocks": d["allocated_blocks"], "num_blocks": d["num_blocks"]}
+                           for m, d in stats["models"].items()}}
+
     def __del__(self):
-        if self._path:
+        if getattr(self, "_path", None):      # Ray's ActorClass wrapper inherits __del__ and has no _path
             try:
                 os.unlink(self._path)
             except OSError:
@@ -144,9 +253,9 @@ class _SlabMetrics:
 class RemoteAllocator:
     """The worker's side: KVAllocator over a GpuSlabManager actor, with the buffer mapped locally."""
 
-    def __init__(self, actor):
+    def __init__(self, actor, owner: str | None = None):
         import ray
-        self._ray, self.actor = ray, actor
+        self._ray, self.actor, self.owner = ray, actor, owner
         handle = ray.get(actor.buffer_handle.remote())
         if handle[0] == "cuda":
             fn, args = handle[1]
@@ -170,13 +279,13 @@ class RemoteAllocator:
         return self.buffer.as_strided(shape, stride, self.buffer.storage_offset() + offset)
 
     def alloc(self, model_id: str, n: int) -> list[int]:
-        ids = self._get(self.actor.alloc.remote(model_id, n))
+        ids = self._get(self.actor.alloc.remote(model_id, n, self.owner))
         if ids is None:
             raise KVOutOfMemory(f"GPU KV Slab has fewer than {n} free blocks for {model_id!r}")
         return ids
 
     def free(self, model_id: str, ids) -> None:
-        self._get(self.actor.free.remote(model_id, list(ids)))
+        self._get(self.actor.free.remote(model_id, list(ids), self.owner))
 
     def num_free_blocks(self, model_id: str) -> int:
         return self._get(self.actor.num_free_blocks.remote(model_id))

@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from app.config import AppConfig, ModelDeployment
+from app.controller import CONTROLLER_NAME
 from app.slab_manager import RemoteAllocator
 from fineserve_core.async_engine import AsyncEngine
 from fineserve_core.config import EngineConfig
@@ -47,10 +48,16 @@ class ModelWorker:
         ecfg = EngineConfig(model=self.cfg.source or self.cfg.name, precision=self.cfg.precision, dtype=e.dtype,
                             device=device, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                             max_model_len=e.max_model_len, tokens_per_block=e.tokens_per_block, seed=e.seed,
-                            scheduler=self.cfg.scheduler)
+                            scheduler=app_cfg.scheduler_of(self.cfg))
         ray.get(manager.begin_load.remote(self.cfg.tier))       # one model loads on a GPU at a time
         try:
-            engine = Engine(ecfg, allocator=RemoteAllocator(manager), model_id=self.cfg.tier)
+            # the manager tracks this replica's blocks by its actor id and frees them if it dies; a dead
+            # predecessor's blocks are reclaimed now, before this replica needs the room
+            ctx = ray.get_runtime_context()
+            owner = ctx.get_actor_id()
+            ray.get(manager.register_owner.remote(self.cfg.tier, owner, ctx.current_actor))
+            ray.get(manager.reap.remote(timeout_s=2.0, skip=owner))
+            engine = Engine(ecfg, allocator=RemoteAllocator(manager, owner), model_id=self.cfg.tier)
             tpt = engine.measure_ttft_per_token()
         finally:
             manager.end_load.remote(self.cfg.tier)
@@ -73,6 +80,12 @@ class ModelWorker:
         for m in (self.m_ttft, self.m_tpot, self.m_e2e, self.m_req, self.m_tok, self.m_running, self.m_waiting, self.m_kv):
             m.set_default_tags(dict(tags))          # Serve adds its own tags to the dict it gets
         self.started = time.time()
+        # cumulative counts the controller turns into rates (it keeps the deltas, so replicas may come and go)
+        self.counts = dict.fromkeys(("arrivals", "overflowed", "finished", "slo_met", "dropped", "prompt_tokens",
+                                     "requested_tokens", "output_tokens"), 0)
+        self.unstarted_tokens = 0          # prompt tokens of this replica's requests without a first token yet
+        self.namespace, self.controller, self.last_report = app_cfg.namespace, None, None
+        self.app_name = serve.get_replica_context().app_name
         threading.Thread(target=self._publish, name="worker-metrics", daemon=True).start()
 
     def _publish(self) -> None:
@@ -86,7 +99,28 @@ class ModelWorker:
             self.m_kv.set(e.blocks.num_in_use, tags={"state": "in_use"})
             self.m_kv.set(e.blocks.num_cached, tags={"state": "cached"})
             self.manager.report_live_tokens.remote(self.cfg.tier, sum(s.num_computed for s in running))
+            self._report(running)
             time.sleep(1.0)
+
+    def _report(self, running: list) -> None:
+        """Counts and load to the controller (the global scheduler sizes tiers from them)."""
+        try:
+            if self.last_report is not None and ray.wait([self.last_report], timeout=0)[0]:
+                ray.get(self.last_report)          # raises when the controller died: look it up again
+            if self.controller is None:
+                self.controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+            self.last_report = self.controller.report.remote(self.cfg.tier, self.replica_id, {
+                **self.counts, "app": self.app_name, "running": len(running),
+                "waiting": len(self.engine.scheduler.waiting), "kv_blocks_in_use": self.engine.blocks.num_in_use,
+                "ttft_slo_s": self.ttft_slo})
+        except (ValueError, ray.exceptions.RayError):     # no controller (yet, or restarting): next second
+            self.controller = self.last_report = None
+
+    def predicted_ttft(self, num_tokens: int, waited: float) -> float:
+        """SAAB's linear TTFT model for a new request of `num_tokens` on this replica: every prompt token
+        not yet prefilled here (requests not yet started) and one token per running decode come first."""
+        s = self.engine.scheduler
+        return waited + s.ttft_per_token * (self.unstarted_tokens + len(s.running) + num_tokens)
 
     def info(self) -> dict:
         e = self.engine
@@ -113,17 +147,35 @@ class ModelWorker:
         """Stream dicts: {token_ids, text, finished, finish_reason, prompt_tokens, completion_tokens}, or
         one {"error": {...}} item when the request is refused."""
         rid = req["request_id"]
+        self.counts["arrivals"] += 1
         try:
             params = SamplingParams(**req["params"])
             prompt = self._prompt(req)
+            tok = self.engine.tokenizer          # without one the engine refuses a text prompt (400)
+            n = len(prompt) if isinstance(prompt, list) else len(tok.encode(prompt)) if tok else 0
         except (RequestError, ValueError) as e:
             yield {"error": {"status": 400, "message": str(e)}}
             return
         waited = max(0.0, time.time() - req.get("arrival", time.time()))
+        if req.get("overflow"):
+            # the caller has a next tier: refuse now rather than queue into a predicted SLO miss
+            predicted = self.predicted_ttft(n, waited)
+            if predicted > self.ttft_slo:
+                self.counts["overflowed"] += 1
+                yield {"error": {"status": 429, "overflow": True, "predicted_ttft_s": predicted, "message": (
+                    f"{self.cfg.tier}: predicted TTFT {predicted:.3f}s exceeds the SLO {self.ttft_slo:.3f}s")}}
+                return
         deadline = time.monotonic() - waited + self.ttft_slo
+        self.counts["prompt_tokens"] += n
+        self.counts["requested_tokens"] += params.max_tokens
+        self.unstarted_tokens += n
+        started = False
         try:
             async for out in self.aengine.generate(rid, prompt, params, deadline):
+                if not started:
+                    started, self.unstarted_tokens = True, self.unstarted_tokens - n
                 if out.finish_reason == "dropped":
+                    self.counts["dropped"] += 1
                     self.m_req.inc(tags={"outcome": "dropped"})
                     yield {"error": {"status": 429, "message": (
                         f"{self.cfg.tier} cannot start this request within its TTFT SLO of "
@@ -135,8 +187,11 @@ class ModelWorker:
                 if out.finished:
                     self._record(out)
                 yield item
-        except RequestError as e:
+        except (RequestError, ValueError) as e:
             yield {"error": {"status": 400, "message": str(e)}}
+        finally:
+            if not started:
+                self.unstarted_tokens -= n
 
     def _record(self, out) -> None:
         m = out.metrics or {}
@@ -147,6 +202,9 @@ class ModelWorker:
         if m.get("e2e") is not None:
             self.m_e2e.observe(m["e2e"])
         met = m.get("ttft") is not None and m["ttft"] <= self.ttft_slo
+        self.counts["finished"] += 1
+        self.counts["slo_met"] += met
+        self.counts["output_tokens"] += out.completion_tokens
         self.m_req.inc(tags={"outcome": "slo_met" if met else "slo_missed"})
         self.m_tok.inc(out.completion_tokens)
 

@@ -1,11 +1,18 @@
-"""Paged attention, torch reference: each sequence attends over its blocks in the KV Slab region.
+"""Paged attention: each sequence attends over its blocks in the KV Slab region.
 
 One call serves a flat batch that mixes prefill chunks (many query tokens) and decodes (one token):
 query token i of a sequence sits at position kv_len - q_len + i and sees keys at positions <= its own.
+
+On the CPU (and for chunks that continue a cached prefix) the torch reference below runs. On CUDA the
+Triton kernels of `kernels/` serve the two common cases: decodes (q_len 1) go to the paged decode kernel,
+which reads the KV Slab blocks through the block table, and whole-prompt prefills (q_len == kv_len) go to
+the varlen causal prefill kernel over the step's fresh K/V — FP8 Q/K/V for fp8 and w4a8kv4 (FireQ's
+prefill; per-token Q/K and per-head V scales, so it rounds differently from the reference, which
+attends over the K/V read back from the cache), bf16 for bf16.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +26,26 @@ class AttnBatch:
     kv_lens: list[int]             # tokens in the cache per sequence after this step
     block_tables: list[list[int]]  # block ids per sequence
     slot_mapping: torch.Tensor     # [num_tokens] slot = block_id * tokens_per_block + offset
+    cache: dict = field(default_factory=dict, repr=False)   # per-step kernel metadata, built once for all layers
 
 
-def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch) -> torch.Tensor:
-    """q [T, Hq, D] -> out [T, Hq, D] in q's dtype."""
-    out = torch.empty_like(q)
+def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D] in q's dtype. k, v [T, Hkv, D]: this step's new keys and values
+    (already written to the cache); the CUDA prefill kernel reads them instead of the cache."""
+    if q.is_cuda:
+        return _cuda_attention(q, kv, layer, batch, k, v)
+    return paged_attention_ref(q, kv, layer, batch)
+
+
+def paged_attention_ref(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
+                        rows: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference over the sequences `rows` (default all); writes their tokens of `out`."""
+    out = torch.empty_like(q) if out is None else out
     group = q.shape[1] // kv.fmt.num_kv_heads
-    start = 0
-    for q_len, kv_len, blocks in zip(batch.q_lens, batch.kv_lens, batch.block_tables):
+    starts = _starts(batch)
+    for i in range(len(batch.q_lens)) if rows is None else rows:
+        q_len, kv_len, blocks, start = batch.q_lens[i], batch.kv_lens[i], batch.block_tables[i], starts[i]
         k, v = kv.gather(layer, blocks, kv_len, q.dtype)             # [Hkv, kv_len, D]
         qs = q[start:start + q_len].transpose(0, 1)                  # [Hq, q_len, D]
         k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
@@ -37,5 +56,99 @@ def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBa
             mask = pos_q >= torch.arange(kv_len, device=q.device)[None, :]
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
         out[start:start + q_len] = o.transpose(0, 1)
-        start += q_len
+    return out
+
+
+def _starts(batch: AttnBatch) -> list[int]:
+    starts, t = [], 0
+    for n in batch.q_lens:
+        starts.append(t)
+        t += n
+    return starts
+
+
+@dataclass(slots=True)
+class _CudaMeta:
+    """Which sequences each kernel serves, and its index tensors (one build per step, not per layer)."""
+    decode: list[int]                   # sequence rows with q_len 1
+    prefill: list[int]                  # rows with q_len == kv_len > 1 (whole prompt in this step)
+    other: list[int]                    # chunks continuing a cached prefix: torch reference
+    dec_tok: torch.Tensor | None = None     # token index of each decode row
+    block_tables: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
+    pre_tok: torch.Tensor | None = None     # token indices of the prefill rows (None: all tokens, in order)
+    cu: torch.Tensor | None = None
+    max_len: int = 0
+    v_starts: torch.Tensor | None = None
+    v_pad: int = 0
+
+
+def _meta(batch: AttnBatch, device, have_kv: bool) -> _CudaMeta:
+    key = ("cuda_meta", have_kv)
+    m = batch.cache.get(key)
+    if m is not None:
+        return m
+    dec, pre, oth = [], [], []
+    for i, (ql, kl) in enumerate(zip(batch.q_lens, batch.kv_lens)):
+        (dec if ql == 1 else pre if (ql == kl and have_kv) else oth).append(i)
+    m = _CudaMeta(dec, pre, oth)
+    starts = _starts(batch)
+    T = sum(batch.q_lens)
+    if dec:
+        m.dec_tok = None if len(dec) == T else torch.tensor([starts[i] for i in dec], device=device)
+        width = max(len(batch.block_tables[i]) for i in dec)
+        bt = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in dec]
+        m.block_tables = torch.tensor(bt, dtype=torch.int32, device=device)
+        m.kv_lens = torch.tensor([batch.kv_lens[i] for i in dec], dtype=torch.int32, device=device)
+    if pre:
+        lens = [batch.q_lens[i] for i in pre]
+        if sum(lens) != T:
+            m.pre_tok = torch.tensor([t for i in pre for t in range(starts[i], starts[i] + batch.q_lens[i])],
+                                     device=device)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        m.cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        m.max_len = max(lens)
+        from kernels.attn_prefill import v_layout
+        vst, m.v_pad = v_layout(lens)
+        m.v_starts = torch.tensor(vst, dtype=torch.int32, device=device)
+    batch.cache[key] = m
+    return m
+
+
+def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v) -> torch.Tensor:
+    import kernels
+    prec = kv.fmt.precision
+    m = _meta(batch, q.device, k is not None)
+    out = None
+    if m.decode:
+        qd = q if m.dec_tok is None else q.index_select(0, m.dec_tok)
+        q_scale = None
+        if prec == "w4a8kv4":     # FireQ's Q8: q was fake-quantized (llama), re-quantizing recovers its FP8 codes
+            qd, q_scale = kernels.quant_qk_fp8(qd)
+        od = kernels.paged_decode_attention(qd, kv.k[layer], kv.v[layer], m.block_tables, m.kv_lens, prec,
+                                            q_scale=q_scale, out_dtype=q.dtype)
+        if m.dec_tok is None:
+            return od
+        out = torch.empty_like(q)
+        out.index_copy_(0, m.dec_tok, od)
+    if m.prefill:
+        sel = (lambda x: x) if m.pre_tok is None else (lambda x: x.index_select(0, m.pre_tok))
+        qp, kp, vp = sel(q), sel(k), sel(v)
+        if prec == "bf16":
+            op = kernels.prefill_attention(qp, kp, vp, m.cu, m.max_len, out_dtype=q.dtype)
+        else:
+            from kernels.attn_prefill import quant_v_fp8_t
+            q8, qs = kernels.quant_qk_fp8(qp)
+            k8, ks = kernels.quant_qk_fp8(kp)
+            v8, vs = quant_v_fp8_t(vp, m.cu, m.v_starts, m.v_pad, m.max_len)
+            op = kernels.prefill_attention(q8, k8, v8, m.cu, m.max_len, q_scale=qs, k_scale=ks.t().contiguous().t(),
+                                           v_scale=vs, v_starts=m.v_starts, out_dtype=q.dtype)
+        if m.pre_tok is None:
+            return op
+        out = torch.empty_like(q) if out is None else out
+        out.index_copy_(0, m.pre_tok, op)
+    if m.other:
+        out = paged_attention_ref(q, kv, layer, batch, rows=m.other, out=torch.empty_like(q) if out is None else out)
     return out

@@ -54,5 +54,5 @@ class EngineConfig(Strict):
     kv_cache_bytes: int | None = Field(None, gt=0)   # private KV buffer size when no shared allocator is given
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     seed: int = 0                                    # random weights of shape presets
-    scheduler: Literal["fcfs", "saab"] = "fcfs"
+    scheduler: Literal["fcfs", "saab", "prism"] = "fcfs"   # prism: the Prism baseline's queue
     ttft_per_token: float = Field(0.0, ge=0.0)       # SAAB's TTFT model: seconds of prefill per batched token

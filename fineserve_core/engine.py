@@ -14,7 +14,7 @@ from fineserve_core.llama import LlamaModel
 from fineserve_core.model_source import iter_weights, load_tokenizer, resolve_model
 from fineserve_core.paged_kv import PagedKVCache
 from fineserve_core.sampling import SamplingParams, sample
-from fineserve_core.scheduler import Scheduler
+from fineserve_core.scheduler import make_scheduler
 from fineserve_core.sequence import Sequence
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,6 +53,10 @@ class Engine:
         self.device, self.dtype = resolve_device_dtype(cfg)
         self.model = LlamaModel(mcfg, iter_weights(self.source, self.dtype, self.device, cfg.seed),
                                 cfg.precision, self.dtype, self.device)
+        if self.device.type == "cuda":
+            # the load's float32 temporaries stay reserved in torch's allocator otherwise; co-located
+            # models and the shared KV buffer are sized from what the GPU has actually free
+            torch.cuda.empty_cache()
         self.tokenizer = load_tokenizer(self.source)
         self.eos_ids = set(mcfg.eos_token_ids)
         self.max_model_len = cfg.max_model_len or min(mcfg.max_position_embeddings, 4096)
@@ -63,8 +67,11 @@ class Engine:
         self.allocator = allocator
         self.kv = PagedKVCache(self.fmt, allocator.kv_region(self.model_id))
         self.blocks = BlockCache(allocator, self.model_id)
-        self.scheduler = Scheduler(self.blocks, self.fmt.tokens_per_block, cfg.max_num_seqs,
-                                   cfg.max_num_batched_tokens, cfg.scheduler, cfg.ttft_per_token)
+        # the pool's capacity is fixed: asked once, since every call is a Ray round trip to the GPU's
+        # slab manager when the allocator is remote (it was on each request's path)
+        self.kv_capacity = allocator.num_blocks(self.model_id)
+        self.scheduler = make_scheduler(cfg.scheduler, self.blocks, self.fmt.tokens_per_block, cfg.max_num_seqs,
+                                        cfg.max_num_batched_tokens, ttft_per_token=cfg.ttft_per_token)
         self.seqs: dict[str, Sequence] = {}
 
     def kv_spec(self, rate: float = 1.0) -> ModelKVSpec:
@@ -102,9 +109,9 @@ class Engine:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                f"model's context length {self.max_model_len}")
         need = -(-(len(ids) + params.max_tokens) // self.fmt.tokens_per_block)
-        if need > self.allocator.num_blocks(self.model_id):
+        if need > self.kv_capacity:
             raise RequestError(f"prompt + max_tokens needs {need} KV blocks but this model's KV pool holds "
-                               f"{self.allocator.num_blocks(self.model_id)}")
+                               f"{self.kv_capacity}")
         seq = Sequence(request_id, ids, params, deadline=deadline)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -12,12 +12,22 @@ n slabs is the byte range `[L, 2, n * slab_size]` of the buffer: layer l's K is 
 `b` reserves offset `b * block_bytes` in all of them, and a paged-attention kernel sees the usual
 `[num_blocks, block_bytes]` array per layer.
 
+Slab policies (`KVSlabManager(..., policy=...)`, `SLAB_POLICIES`): "faithful" (the default) is
+FineServe's code. The others are measured alternatives (load_tests/kv_fragmentation.py): 2 lcm of
+FineServe's block sizes is large (w4a8kv4 blocks carry their scales, 6336 B next to 12288 B gives an
+811 KB slab per layer for SmolLM2, ~17 MB for an 8B-class GPU), every slab then holds blocks of
+dozens of sequences and stays pinned to its format while any of them lives. "padded_wholeslab"
+(slabs of a few blocks, w4a8kv4 blocks straddling slab edges left unused, prompts take whole slabs;
+block layout unchanged) and "split_scale_fine" (w4a8kv4 scales in a separate reserved region: needs a
+layout change, so kv_region refuses it) cut the waste under shifting load by 2-3x.
+
 Also here: `StaticPartitionAllocator` (the vLLM/MuxServe baseline: a fixed region per model),
 `BlockCache` (the engine-side block cache, FineServe's ElasticBlockPool) and the fragmentation metric
 of DESIGN.md. No Ray: this runs in any Python process.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections import deque
@@ -43,25 +53,33 @@ class KVSlab:
     slab_size: int
     block_bytes: int = 0                                      # 0 while the slab is free (not carved)
     num_blocks: int = 0
+    base: int = 0                                             # global id of local block 0
     free_list: list[int] = field(default_factory=list)        # LIFO of free local block ids
     is_free: bytearray = field(default_factory=bytearray)     # local id -> 1 if free: O(1) double-free check
 
-    def init(self, block_bytes: int) -> None:
-        """Carve the slab into blocks of one format."""
+    def init(self, block_bytes: int, num_blocks: int | None = None, base: int | None = None) -> None:
+        """Carve the slab into blocks of one format.
+
+        Default (FineServe): slab_size // block_bytes blocks with zero padding, global ids from
+        slab_id * num_blocks. A padded table passes its own count and first id.
+        """
         if self.block_bytes:
             raise RuntimeError(f"slab {self.slab_id} is already carved for {self.block_bytes} B blocks")
-        if block_bytes <= 0 or self.slab_size % block_bytes:
-            # Global ids assume zero padding: block b of any slab starts at b * block_bytes.
-            raise ValueError(f"block size {block_bytes} B does not divide slab size {self.slab_size} B")
-        self.block_bytes = block_bytes
-        self.num_blocks = self.slab_size // block_bytes
+        if num_blocks is None:
+            if block_bytes <= 0 or self.slab_size % block_bytes:
+                # Global ids assume zero padding: block b of any slab starts at b * block_bytes.
+                raise ValueError(f"block size {block_bytes} B does not divide slab size {self.slab_size} B")
+            num_blocks, base = self.slab_size // block_bytes, self.slab_id * (self.slab_size // block_bytes)
+        if block_bytes <= 0 or num_blocks <= 0 or num_blocks * block_bytes > self.slab_size:
+            raise ValueError(f"{num_blocks} blocks of {block_bytes} B do not fit in slab {self.slab_id}")
+        self.block_bytes, self.num_blocks, self.base = block_bytes, num_blocks, base or 0
         self.free_list = list(range(self.num_blocks - 1, -1, -1))   # pop() hands out 0, 1, 2, ...
         self.is_free = bytearray(b"\x01") * self.num_blocks
 
     def reset(self) -> None:
         if not self.is_empty():
             raise RuntimeError(f"slab {self.slab_id} still holds {self.num_allocated} blocks")
-        self.block_bytes, self.num_blocks, self.free_list, self.is_free = 0, 0, [], bytearray()
+        self.block_bytes, self.num_blocks, self.base, self.free_list, self.is_free = 0, 0, 0, [], bytearray()
 
     def alloc_block(self) -> int:
         local = self.free_list.pop()
@@ -92,24 +110,63 @@ class KVSlab:
         return len(self.free_list) == self.num_blocks            # a free (uncarved) slab is empty too
 
 
+PARTIAL_CHOICES = ("lowest", "fullest")
+PADDINGS = ("none", "edge")
+
+
 class KVSlabTable:
     """The slabs of one pool. Formats are identified by their block size in bytes.
+
+    alloc fills a partial slab of the format before carving a free one; which partial slab is
+    `partial_choice`: "lowest" id (FineServe's code takes any; lowest packs live blocks toward the
+    pool's head) or "fullest" (best fit: fill the slab with the fewest free blocks, so lightly used
+    slabs drain and go back to the free list). `near` (a block id of the same format) asks for that
+    block's slab first, if it has room (per-sequence affinity). `whole_slabs_first`: a request for at
+    least a free slab's worth of blocks takes whole free slabs before filling partial ones (a prompt's
+    blocks then share slabs, which drain when the sequence ends); the remainder fills partial slabs.
+
+    `padding` says what happens to a format whose block size does not divide the slab size:
+      * "none" (FineServe): not allowed; block b of a format is local block b % bps of slab b // bps.
+      * "edge": a format's block b still starts at byte b * block_bytes of the pool (a paged kernel's
+        `[num_blocks, block_bytes]` view is unchanged); a slab carved for it holds the blocks lying
+        wholly inside its byte range, the bytes of blocks straddling a slab edge are padding
+        (about one block per slab). Needs a slab of >= 2 blocks.
 
     Thread-safe: one lock (FineServe keeps one per format plus one for the free list; a single lock is
     simpler and the critical sections are a few list operations).
     """
 
-    def __init__(self, num_slabs: int, slab_size: int, formats: Iterable[int]):
+    def __init__(self, num_slabs: int, slab_size: int, formats: Iterable[int], *, padding: str = "none",
+                 partial_choice: str = "lowest", whole_slabs_first: bool = False):
         formats = sorted(set(formats))
+        if partial_choice not in PARTIAL_CHOICES:
+            raise ValueError(f"unknown partial_choice {partial_choice!r} (one of {PARTIAL_CHOICES})")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r} (one of {PADDINGS})")
         for bb in formats:
-            if bb <= 0 or slab_size % bb:
-                raise ValueError(f"block size {bb} B does not divide slab size {slab_size} B")
-        self.slab_size = slab_size
+            if bb <= 0 or (slab_size % bb and (padding == "none" or slab_size < 2 * bb)):
+                raise ValueError(f"block size {bb} B does not divide slab size {slab_size} B"
+                                 + (" (a padded slab must hold 2 blocks)" if padding != "none" else ""))
+        self.slab_size, self.padding, self.partial_choice = slab_size, padding, partial_choice
+        self.whole_slabs_first = whole_slabs_first
         self.slabs = [KVSlab(i, slab_size) for i in range(num_slabs)]
         self.free_slabs: deque[int] = deque(range(num_slabs))
         # Slab ids, not slab objects: int sets iterate deterministically, so runs are reproducible.
         self.partial_slabs: dict[int, set[int]] = {bb: set() for bb in formats}
         self.full_slabs: dict[int, set[int]] = {bb: set() for bb in formats}
+        # Per format and slab: first global id and block count (whole blocks inside the slab).
+        self._first: dict[int, list[int]] = {}
+        self._count: dict[int, list[int]] = {}
+        for bb in formats:
+            first = [-(-s * slab_size // bb) for s in range(num_slabs + 1)]   # = s * bps unless padded
+            ends = [(s + 1) * slab_size // bb for s in range(num_slabs)]
+            self._first[bb] = first[:-1]
+            self._count[bb] = [e - f for e, f in zip(ends, first)]
+        self._capacity = {bb: sum(self._count[bb]) for bb in formats}
+        self._free_cap = dict(self._capacity)                           # blocks in free slabs
+        self._partial_free = {bb: 0 for bb in formats}                  # free blocks in carved slabs
+        self._carved_padding = 0                                        # bytes of carved slabs no block uses
+        self._heap: dict[int, list] = {bb: [] for bb in formats}       # lazy heap over partial slabs
         self._lock = threading.RLock()
 
     @property
@@ -120,51 +177,126 @@ class KVSlabTable:
     def formats(self) -> tuple[int, ...]:
         return tuple(self.partial_slabs)
 
-    def blocks_per_slab(self, block_bytes: int) -> int:
+    def _check_format(self, block_bytes: int) -> None:
         if block_bytes not in self.partial_slabs:
             raise ValueError(f"block format {block_bytes} B is not registered in this pool "
                              f"(formats: {list(self.partial_slabs)})")
+
+    def blocks_per_slab(self, block_bytes: int) -> int:
+        """Blocks of this format per slab (an "edge"-padded slab may hold one fewer, see slab_capacity)."""
+        self._check_format(block_bytes)
         return self.slab_size // block_bytes
+
+    def slab_capacity(self, block_bytes: int, slab_id: int) -> int:
+        self._check_format(block_bytes)
+        return self._count[block_bytes][slab_id]
 
     def num_blocks(self, block_bytes: int) -> int:
         """Capacity in blocks of this format if the whole pool held it."""
-        return self.num_slabs * self.blocks_per_slab(block_bytes)
+        self._check_format(block_bytes)
+        return self._capacity[block_bytes]
+
+    def num_ids(self, block_bytes: int) -> int:
+        """Size of the format's id space: ids 0..num_ids-1 (with "edge" padding some ids straddle slab
+        edges and are never handed out)."""
+        self._check_format(block_bytes)
+        return self.num_slabs * self.slab_size // block_bytes
 
     def num_free_blocks(self, block_bytes: int) -> int:
         with self._lock:
-            bps = self.blocks_per_slab(block_bytes)
-            return len(self.free_slabs) * bps + self.partial_free_blocks(block_bytes)
+            self._check_format(block_bytes)
+            return self._free_cap[block_bytes] + self._partial_free[block_bytes]
 
     def partial_free_blocks(self, block_bytes: int) -> int:
         with self._lock:
-            return sum(self.slabs[s].num_free for s in self.partial_slabs[block_bytes])
+            self._check_format(block_bytes)
+            return self._partial_free[block_bytes]
 
-    def alloc(self, block_bytes: int, n: int) -> list[int]:
+    def free_slab_padding(self, block_bytes: int) -> int:
+        """Bytes of the free slabs that blocks of this format cannot use (0 unless padded)."""
+        with self._lock:
+            return len(self.free_slabs) * self.slab_size - self._free_cap[block_bytes] * block_bytes
+
+    @property
+    def carved_padding(self) -> int:
+        """Bytes of carved slabs that no block uses (0 unless padded)."""
+        return self._carved_padding
+
+    def _file_partial(self, bb: int, sid: int) -> None:
+        self.partial_slabs[bb].add(sid)
+        h = self._heap[bb]
+        heapq.heappush(h, (self.slabs[sid].num_free, sid) if self.partial_choice == "fullest" else sid)
+        if len(h) > 4 * len(self.partial_slabs[bb]) + 64:          # drop stale entries now and then
+            self._heap[bb] = h = ([(self.slabs[s].num_free, s) for s in self.partial_slabs[bb]]
+                                  if self.partial_choice == "fullest" else list(self.partial_slabs[bb]))
+            heapq.heapify(h)
+
+    def _pick_partial(self, bb: int) -> int:
+        partial, h = self.partial_slabs[bb], self._heap[bb]
+        if self.partial_choice == "fullest":
+            while h[0][1] not in partial or self.slabs[h[0][1]].num_free != h[0][0]:
+                heapq.heappop(h)
+            return h[0][1]
+        while h[0] not in partial:
+            heapq.heappop(h)
+        return h[0]
+
+    def _slab_of(self, bb: int, block_id: int) -> int:
+        return block_id * bb // self.slab_size
+
+    def alloc(self, block_bytes: int, n: int, near: int | None = None) -> list[int]:
         """n global block ids of one format; all or nothing (KVOutOfMemory changes nothing)."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         with self._lock:
-            bps = self.blocks_per_slab(block_bytes)
-            free = len(self.free_slabs) * bps + self.partial_free_blocks(block_bytes)
+            self._check_format(block_bytes)
+            free = self._free_cap[block_bytes] + self._partial_free[block_bytes]
             if n > free:
                 raise KVOutOfMemory(f"format {block_bytes} B: requested {n} blocks, {free} free "
                                     f"({len(self.free_slabs)} free slabs of {self.num_slabs})")
             out: list[int] = []
             partial = self.partial_slabs[block_bytes]
+            hint = None
+            if near is not None and 0 <= near < self.num_ids(block_bytes):
+                hint = self._slab_of(block_bytes, near)
+                if hint not in partial:
+                    hint = None
             while len(out) < n:
-                if partial:
-                    # Fill partial slabs first so the format holds as few slabs as possible; lowest id
-                    # first packs live blocks toward the pool's head.
-                    sid = min(partial)
+                if hint is not None:
+                    sid, hint = hint, None
+                    partial.discard(sid)
+                elif (self.whole_slabs_first and self.free_slabs
+                      and n - len(out) >= self._count[block_bytes][self.free_slabs[0]]):
+                    sid = self.free_slabs.popleft()
+                    self._carve(sid, block_bytes)
+                elif partial:
+                    # Fill partial slabs first so the format holds as few slabs as possible.
+                    sid = self._pick_partial(block_bytes)
                     partial.discard(sid)
                 else:
                     sid = self.free_slabs.popleft()
-                    self.slabs[sid].init(block_bytes)
-                slab, base = self.slabs[sid], sid * bps
-                while len(out) < n and slab.free_list:
-                    out.append(base + slab.alloc_block())
-                (self.full_slabs[block_bytes] if slab.is_full() else partial).add(sid)
+                    self._carve(sid, block_bytes)
+                slab = self.slabs[sid]
+                fl, is_free, base = slab.free_list, slab.is_free, slab.base
+                k = min(n - len(out), len(fl))
+                for _ in range(k):
+                    local = fl.pop()
+                    is_free[local] = 0
+                    out.append(base + local)
+                self._partial_free[block_bytes] -= k
+                if not fl:
+                    self.full_slabs[block_bytes].add(sid)
+                else:
+                    self._file_partial(block_bytes, sid)
             return out
+
+    def _carve(self, sid: int, bb: int) -> None:
+        c = self._count[bb][sid]
+        self.slabs[sid].init(bb, c, self._first[bb][sid])
+        for f in self._free_cap:
+            self._free_cap[f] -= self._count[f][sid]
+        self._partial_free[bb] += c
+        self._carved_padding += self.slab_size - c * bb
 
     def free(self, block_bytes: int, ids: Iterable[int]) -> None:
         """Return blocks; a slab that becomes empty goes back to the free list (any format may take it).
@@ -174,41 +306,50 @@ class KVSlabTable:
         """
         ids = list(ids)
         with self._lock:
-            bps = self.blocks_per_slab(block_bytes)
-            seen: set[int] = set()
-            for b in ids:
-                if not isinstance(b, int) or not 0 <= b < self.num_slabs * bps:
+            self._check_format(block_bytes)
+            limit = self.num_ids(block_bytes)
+            S = self.slab_size
+            sids = [b * block_bytes // S if isinstance(b, int) else -1 for b in ids]
+            if len(set(ids)) != len(ids):
+                dup = next(b for i, b in enumerate(ids) if b in ids[:i])
+                raise ValueError(f"block {dup} appears twice in one free() call")
+            slabs = self.slabs
+            for b, sid in zip(ids, sids):
+                if not isinstance(b, int) or not 0 <= b < limit:
                     raise ValueError(f"block {b!r} is out of range for format {block_bytes} B "
-                                     f"(0..{self.num_slabs * bps - 1})")
-                if b in seen:
-                    raise ValueError(f"block {b} appears twice in one free() call")
-                seen.add(b)
-                slab = self.slabs[b // bps]
+                                     f"(0..{limit - 1})")
+                slab = slabs[sid]
                 if slab.block_bytes != block_bytes:
                     raise ValueError(f"block {b} of format {block_bytes} B is not allocated: its slab "
                                      f"{slab.slab_id} holds {slab.block_bytes or 'no'} format")
-                if not slab.is_allocated(b % bps):
+                if not slab.is_allocated(b - slab.base):
                     raise ValueError(f"block {b} of format {block_bytes} B is not allocated (double free?)")
-            touched: set[int] = set()
-            for b in ids:
-                self.slabs[b // bps].free_block(b % bps)
-                touched.add(b // bps)
+            for b, sid in zip(ids, sids):
+                slab = slabs[sid]
+                local = b - slab.base
+                slab.is_free[local] = 1
+                slab.free_list.append(local)
+            touched = set(sids)
+            self._partial_free[block_bytes] += len(ids)
             for sid in touched:
                 slab = self.slabs[sid]
                 self.full_slabs[block_bytes].discard(sid)
                 if slab.is_empty():
                     self.partial_slabs[block_bytes].discard(sid)
+                    self._partial_free[block_bytes] -= slab.num_blocks
+                    self._carved_padding -= self.slab_size - slab.num_blocks * block_bytes
                     slab.reset()
+                    for f in self._free_cap:
+                        self._free_cap[f] += self._count[f][sid]
                     self.free_slabs.appendleft(sid)   # LIFO: the slab just emptied is re-carved first
                 else:
-                    self.partial_slabs[block_bytes].add(sid)
+                    self._file_partial(block_bytes, sid)
 
     def is_allocated(self, block_bytes: int, block_id: int) -> bool:
-        bps = self.blocks_per_slab(block_bytes)
-        if not 0 <= block_id < self.num_slabs * bps:
+        if block_bytes not in self.partial_slabs or not 0 <= block_id < self.num_ids(block_bytes):
             return False
-        slab = self.slabs[block_id // bps]
-        return slab.block_bytes == block_bytes and slab.is_allocated(block_id % bps)
+        slab = self.slabs[self._slab_of(block_bytes, block_id)]
+        return slab.block_bytes == block_bytes and slab.is_allocated(block_id - slab.base)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,10 +365,13 @@ class ModelKVSpec:
     precision: str
     rate: float = 1.0              # expected request rate: weighs pool sizes / static shares
     max_num_batched_tokens: int = 2048
+    scale_bytes: int = 0           # bytes of block_bytes that are the scale area (w4a8kv4); 0 if none
 
     def __post_init__(self):
         if self.num_layers <= 0 or self.block_bytes <= 0 or self.tokens_per_block <= 0:
             raise ValueError(f"{self.model_id!r}: num_layers, block_bytes and tokens_per_block must be > 0")
+        if not 0 <= self.scale_bytes < self.block_bytes:
+            raise ValueError(f"{self.model_id!r}: scale_bytes must be in [0, block_bytes)")
         if self.rate < 0 or self.max_num_batched_tokens < 0:
             raise ValueError(f"{self.model_id!r}: rate and max_num_batched_tokens must be >= 0")
 
@@ -235,7 +379,7 @@ class ModelKVSpec:
     def from_format(cls, model_id: str, fmt: KVFormat, num_layers: int, rate: float = 1.0,
                     max_num_batched_tokens: int = 2048) -> "ModelKVSpec":
         return cls(model_id, num_layers, fmt.block_bytes, fmt.tokens_per_block, fmt.precision, rate,
-                   max_num_batched_tokens)
+                   max_num_batched_tokens, fmt.scale_bytes)
 
     @property
     def bytes_per_block(self) -> int:
@@ -259,7 +403,8 @@ class FragmentationReport:
     wasted = slack (allocated blocks not holding live tokens; blocks in engine caches count as
     allocated) + free bytes the failing model cannot use (`unusable_free_bytes`: other formats' partial
     slabs / other models' static regions; `unusable_unformatted_bytes`: free slabs of other pools and
-    buffer bytes no pool or region covers).
+    buffer bytes no pool or region covers) + `overhead_bytes` (only for non-default slab policies:
+    padding at padded slabs' edges, reserved split-scale slots not in use).
     """
     buffer_bytes: int
     live_bytes: float
@@ -268,6 +413,7 @@ class FragmentationReport:
     unusable_unformatted_bytes: int
     per_precision: dict[str, dict[str, float]]     # precision -> live/allocated/slack/unusable_free bytes
     failing_model: str | None = None
+    overhead_bytes: int = 0        # bytes no block can use: slab padding, unused split-scale slots
 
     @property
     def slack_bytes(self) -> float:
@@ -275,7 +421,7 @@ class FragmentationReport:
 
     @property
     def wasted_bytes(self) -> float:
-        return self.slack_bytes + self.unusable_free_bytes + self.unusable_unformatted_bytes
+        return self.slack_bytes + self.unusable_free_bytes + self.unusable_unformatted_bytes + self.overhead_bytes
 
     @property
     def wasted_fraction(self) -> float:
@@ -291,7 +437,7 @@ class FragmentationReport:
                 "allocated_bytes": self.allocated_bytes, "slack_bytes": self.slack_bytes,
                 "unusable_free_bytes": self.unusable_free_bytes,
                 "unusable_unformatted_bytes": self.unusable_unformatted_bytes,
-                "wasted_bytes": self.wasted_bytes, "wasted_fraction": self.wasted_fraction,
+                "overhead_bytes": self.overhead_bytes, "wasted_bytes": self.wasted_bytes, "wasted_fraction": self.wasted_fraction,
                 "kv_efficiency": self.kv_efficiency, "failing_model": self.failing_model,
                 "per_precision": {p: dict(d) for p, d in self.per_precision.items()}}
 
@@ -388,6 +534,75 @@ class _ModelBook:
 # KVSlabManager: one per GPU
 # ---------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class SlabPolicy:
+    """How KVSlabManager sizes slabs and picks them; the default is FineServe's code ("faithful").
+
+    slab_factor       slab = slab_factor * lcm(block sizes): FineServe uses 2.
+    padding           "none" (FineServe): the slab is a multiple of every block size. "edge": the slab
+                      is the smallest multiple of the lcm of the formats without a scale area
+                      (bf16/fp8: zero padding there) that holds `min_blocks_per_slab` blocks of each
+                      other format (w4a8kv4); those formats lose the blocks straddling slab edges
+                      (~1 block per slab, counted as overhead). Block b still starts at byte
+                      b * block_bytes of the pool, so block layout and kernels are unchanged.
+    partial_choice    which partial slab alloc fills first: "lowest" id, or "fullest" (best fit).
+    affinity          alloc(..., near=block) fills near's slab first (a sequence's blocks share slabs).
+    whole_slabs_first an alloc of at least a slab's worth of blocks (a prompt) takes whole free slabs
+                      before filling partial ones, so those slabs drain when the sequence ends.
+    split_scales      STUDY ONLY, needs a block-layout change (kv_region raises for such a format): a
+                      format's scale area (ModelKVSpec.scale_bytes) lives in a per-pool scale region
+                      reserved up front (one slot per possible block id), so slabs hold the data part
+                      only (power-of-two sizes, a much smaller lcm). Reserved slots not backing an
+                      allocated block count as overhead.
+    """
+    name: str = "faithful"
+    slab_factor: int = 2
+    padding: str = "none"
+    min_blocks_per_slab: int = 4
+    partial_choice: str = "lowest"
+    affinity: bool = False
+    whole_slabs_first: bool = False
+    split_scales: bool = False
+
+    def __post_init__(self):
+        if self.slab_factor < 1 or self.min_blocks_per_slab < 2:
+            raise ValueError("slab_factor must be >= 1 and min_blocks_per_slab >= 2")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r} (one of {PADDINGS})")
+        if self.partial_choice not in PARTIAL_CHOICES:
+            raise ValueError(f"unknown partial_choice {self.partial_choice!r} (one of {PARTIAL_CHOICES})")
+
+
+SLAB_POLICIES: dict[str, SlabPolicy] = {p.name: p for p in (
+    SlabPolicy(),                                                            # FineServe's code
+    SlabPolicy("lcm1", slab_factor=1),
+    SlabPolicy("bestfit", partial_choice="fullest"),
+    SlabPolicy("affinity", affinity=True),
+    SlabPolicy("wholeslab", whole_slabs_first=True),
+    SlabPolicy("padded", padding="edge"),
+    SlabPolicy("padded_wholeslab", padding="edge", whole_slabs_first=True),
+    SlabPolicy("split_scale", split_scales=True),
+    SlabPolicy("split_scale_fine", split_scales=True, slab_factor=1, whole_slabs_first=True),
+)}
+
+
+def padded_slab_size(formats: Sequence[int], exact: Sequence[int], min_blocks: int) -> int:
+    """Slab size for padding="edge": the smallest multiple of lcm(exact) (zero padding for those
+    formats) holding min_blocks blocks of every format that does not divide it."""
+    base = math.lcm(*(exact or formats))
+    padded = [f for f in formats if base % f]
+    return base * max(1, -(-min_blocks * max(padded, default=0) // base))
+
+
+def resolve_policy(policy: str | SlabPolicy) -> SlabPolicy:
+    if isinstance(policy, SlabPolicy):
+        return policy
+    try:
+        return SLAB_POLICIES[policy]
+    except KeyError:
+        raise ValueError(f"unknown slab policy {policy!r}; known: {sorted(SLAB_POLICIES)}") from None
+
+
 @dataclass(slots=True)
 class _Pool:
     num_layers: int
@@ -395,6 +610,9 @@ class _Pool:
     num_slabs: int
     table: KVSlabTable
     model_ids: list[str]
+    scale_slot: dict[int, int] = field(default_factory=dict)   # split scales: table format -> slot bytes
+    scale_offset: int = 0          # split scales: the pool's scale region [L, 2, sum(num_ids * slot)]
+    scale_nbytes: int = 0
 
     def nbytes(self, slab_size: int) -> int:
         return self.num_layers * 2 * self.num_slabs * slab_size
@@ -411,32 +629,59 @@ class KVSlabManager:
         num_layers; whole layer-multiples left over by that rounding go to the pools with the most
         demand (FineServe leaves them unused);
       * num_slabs = pool_units // num_layers; pools are contiguous in the buffer.
+
+    `policy` (a name in SLAB_POLICIES or a SlabPolicy) selects measured alternatives to FineServe's
+    slab sizing and slab choice; "faithful" (default) is FineServe's code. An explicit `slab_size`
+    overrides the policy's size.
     """
 
-    def __init__(self, buffer: torch.Tensor, specs: Sequence[ModelKVSpec], slab_size: int | None = None):
+    def __init__(self, buffer: torch.Tensor, specs: Sequence[ModelKVSpec], slab_size: int | None = None,
+                 policy: str | SlabPolicy = "faithful"):
         _check_buffer(buffer)
+        self.policy = pol = resolve_policy(policy)
         self._book = _ModelBook(_check_specs(specs))
         self.buffer = buffer
         self.buffer_bytes = buffer.numel()
+        # Table format of each model: its block size, or its data part when scales are split off.
+        self._fmt = {s.model_id: (s.block_bytes - s.scale_bytes if pol.split_scales and s.scale_bytes
+                                  else s.block_bytes) for s in specs}
+        keys = sorted(set(self._fmt.values()))
         # All models of the config, not only those placed now: a model joining later needs no re-carve.
-        lcm = math.lcm(*(s.block_bytes for s in specs))
-        self.slab_size = 2 * lcm if slab_size is None else slab_size
-        if self.slab_size % lcm:
+        lcm = math.lcm(*keys)
+        if slab_size is None and pol.padding != "none":
+            slab_size = padded_slab_size(keys, [self._fmt[s.model_id] for s in specs if not s.scale_bytes],
+                                         pol.min_blocks_per_slab)
+        self.slab_size = pol.slab_factor * lcm if slab_size is None else slab_size
+        if pol.padding == "none" and self.slab_size % lcm:
             raise ValueError(f"slab size {self.slab_size} B is not a multiple of every block size (lcm {lcm} B)")
+        S = self.slab_size
 
         by_layers: dict[int, list[ModelKVSpec]] = {}
         for s in specs:
             by_layers.setdefault(s.num_layers, []).append(s)
-        unit = 2 * self.slab_size
+        scale_slot: dict[int, dict[int, int]] = {L: {} for L in by_layers}
+        for L, ss in by_layers.items():
+            for s in ss:
+                if self._fmt[s.model_id] != s.block_bytes:
+                    k = self._fmt[s.model_id]
+                    scale_slot[L][k] = max(scale_slot[L].get(k, 0), s.scale_bytes)
+        # Scale bytes one slab needs (per layer, K or V), reserved alongside every slab of the pool.
+        per_slab_scale = max((sum(-(-S * sb // k) for k, sb in d.items()) for d in scale_slot.values()),
+                             default=0)
+        unit = 2 * (S + per_slab_scale)
         total_units = self.buffer_bytes // unit
-        minimum = {L: sum(math.ceil(s.min_blocks / (self.slab_size // s.block_bytes)) * L for s in ss)
+
+        def usable_per_slab(k: int) -> int:
+            return max(1, S // k - (1 if S % k else 0))
+
+        minimum = {L: sum(math.ceil(s.min_blocks / usable_per_slab(self._fmt[s.model_id])) * L for s in ss)
                    for L, ss in by_layers.items()}
         minimum = {L: max(m, L) for L, m in minimum.items()}        # every pool gets at least one slab
         remaining = total_units - sum(minimum.values())
         if remaining < 0:
             raise ValueError(
                 f"KV buffer of {self.buffer_bytes} B is too small: it holds {total_units} slab units of "
-                f"{unit} B (slab {self.slab_size} B, K+V), the minimum reservations need "
+                f"{unit} B (slab {S} B, K+V), the minimum reservations need "
                 f"{sum(minimum.values())} (per num_layers: {minimum})")
         demand = {L: sum(s.rate for s in ss) * L for L, ss in by_layers.items()}
         total_demand = sum(demand.values())
@@ -454,10 +699,14 @@ class KVSlabManager:
         offset = 0
         for L, ss in by_layers.items():
             n = units[L] // L
-            pool = _Pool(L, offset, n, KVSlabTable(n, self.slab_size, (s.block_bytes for s in ss)),
-                         [s.model_id for s in ss])
+            table = KVSlabTable(n, S, (self._fmt[s.model_id] for s in ss), padding=pol.padding,
+                                partial_choice=pol.partial_choice, whole_slabs_first=pol.whole_slabs_first)
+            pool = _Pool(L, offset, n, table, [s.model_id for s in ss], scale_slot[L])
+            offset += pool.nbytes(S)
+            pool.scale_offset = offset
+            pool.scale_nbytes = 2 * L * sum(table.num_ids(k) * sb for k, sb in scale_slot[L].items())
+            offset += pool.scale_nbytes
             self._pools[L] = pool
-            offset += pool.nbytes(self.slab_size)
         assert offset <= self.buffer_bytes
         self._lock = threading.RLock()
 
@@ -473,6 +722,15 @@ class KVSlabManager:
         s = self._book.spec(model_id)
         return s, self._pools[s.num_layers]
 
+    def table_format(self, model_id: str) -> int:
+        """The block size the model's pool table knows it by (its data part when scales are split)."""
+        self._book.spec(model_id)
+        return self._fmt[model_id]
+
+    def _split(self, model_id: str) -> bool:
+        return self._fmt[model_id] != self._book.specs[model_id].block_bytes
+
+
     def pool_table(self, num_layers: int) -> KVSlabTable:
         return self._pools[num_layers].table
 
@@ -483,15 +741,40 @@ class KVSlabManager:
     # --- the engine API ---
     def kv_region(self, model_id: str) -> torch.Tensor:
         """uint8 view [num_layers, 2, num_slabs * slab_size] of the model's pool; K = [:, 0], V = [:, 1]."""
+        s, _ = self._pool(model_id)
+        if self._split(model_id):
+            raise NotImplementedError(
+                f"model {model_id!r}: slab policy {self.policy.name!r} keeps {s.precision}'s scale area out of "
+                f"its blocks, which KVFormat.views and the kernels cannot read yet (study option; see "
+                f"kv_data_region / kv_scale_region)")
+        return self.kv_data_region(model_id)
+
+    def kv_data_region(self, model_id: str) -> torch.Tensor:
+        """kv_region without the split-scale check: blocks of table_format(model_id) bytes."""
         _, p = self._pool(model_id)
         return self.buffer[p.offset: p.offset + p.nbytes(self.slab_size)].view(
             p.num_layers, 2, p.num_slabs * self.slab_size)
 
-    def alloc(self, model_id: str, n: int) -> list[int]:
+    def kv_scale_region(self, model_id: str) -> torch.Tensor:
+        """split_scales: uint8 view [num_layers, 2, num_ids * scale_bytes]; block b's scales at b * scale_bytes."""
+        s, p = self._pool(model_id)
+        if not self._split(model_id):
+            raise ValueError(f"model {model_id!r} keeps its scales inside its blocks")
+        k = self._fmt[model_id]
+        off = p.scale_offset
+        for k2, sb in sorted(p.scale_slot.items()):
+            if k2 == k:
+                n = p.table.num_ids(k) * sb
+                return self.buffer[off: off + 2 * p.num_layers * n].view(p.num_layers, 2, n)
+            off += 2 * p.num_layers * p.table.num_ids(k2) * sb
+        raise AssertionError("unreachable")
+
+    def alloc(self, model_id: str, n: int, near: int | None = None) -> list[int]:
+        """n block ids; `near` (a block the model holds) is a slab hint honoured by policy.affinity."""
         s, p = self._pool(model_id)
         with self._lock:
             try:
-                ids = p.table.alloc(s.block_bytes, n)
+                ids = p.table.alloc(self._fmt[model_id], n, near if self.policy.affinity else None)
             except KVOutOfMemory as e:
                 raise KVOutOfMemory(f"model {model_id!r} ({s.precision}, {s.block_bytes} B blocks, "
                                     f"{s.num_layers}-layer pool): {e}") from None
@@ -503,17 +786,17 @@ class KVSlabManager:
         ids = list(ids)
         with self._lock:
             self._book.check_free(model_id, ids)
-            p.table.free(s.block_bytes, ids)
+            p.table.free(self._fmt[model_id], ids)
             self._book.owned[model_id].difference_update(ids)
 
     def num_free_blocks(self, model_id: str) -> int:
         s, p = self._pool(model_id)
-        return p.table.num_free_blocks(s.block_bytes)
+        return p.table.num_free_blocks(self._fmt[model_id])
 
     def num_blocks(self, model_id: str) -> int:
         """Capacity in blocks if the model had its whole pool."""
         s, p = self._pool(model_id)
-        return p.table.num_blocks(s.block_bytes)
+        return p.table.num_blocks(self._fmt[model_id])
 
     def num_allocated_blocks(self, model_id: str) -> int:
         self._book.spec(model_id)
@@ -527,11 +810,10 @@ class KVSlabManager:
 
     # --- metrics ---
     def _format_names(self, pool: _Pool) -> dict[int, str]:
-        """block_bytes -> precision label ("bf16"; "bf16/fp8" if two precisions share a block size)."""
+        """table format -> precision label ("bf16"; "bf16/fp8" if two precisions share a block size)."""
         names: dict[int, set[str]] = {}
         for m in pool.model_ids:
-            s = self._book.specs[m]
-            names.setdefault(s.block_bytes, set()).add(s.precision)
+            names.setdefault(self._fmt[m], set()).add(self._book.specs[m].precision)
         return {bb: "/".join(sorted(ps)) for bb, ps in names.items()}
 
     def stats(self) -> dict:
@@ -544,7 +826,7 @@ class KVSlabManager:
                         "num_layers": L, "num_slabs": t.num_slabs, "free_slabs": len(t.free_slabs),
                         "partial_slabs": {names[bb]: len(v) for bb, v in t.partial_slabs.items()},
                         "full_slabs": {names[bb]: len(v) for bb, v in t.full_slabs.items()},
-                        "bytes": p.nbytes(self.slab_size)}
+                        "bytes": p.nbytes(self.slab_size) + p.scale_nbytes}
                     for bb, name in names.items():
                         d = precisions.setdefault(name, {"partial_slabs": 0, "full_slabs": 0,
                                                          "free_blocks_in_partial": 0})
@@ -554,33 +836,53 @@ class KVSlabManager:
             models = {m: {"precision": s.precision, "allocated_blocks": len(self._book.owned[m]),
                           "free_blocks": self.num_free_blocks(m), "num_blocks": self.num_blocks(m)}
                       for m, s in self._book.specs.items()}
-            return {"kind": "kv_slab", "buffer_bytes": self.buffer_bytes, "slab_size": self.slab_size,
-                    "pools": pools, "precisions": precisions, "models": models}
+            return {"kind": "kv_slab", "policy": self.policy.name, "buffer_bytes": self.buffer_bytes,
+                    "slab_size": self.slab_size, "pools": pools, "precisions": precisions, "models": models}
 
     def fragmentation(self, live_tokens: dict[str, int], failing_model: str | None = None) -> FragmentationReport:
+        """DESIGN.md's metric. Overhead (wasted whatever happens): padding of padded slabs (carved ones,
+        and free ones for the failing model's format) and split-scale slots not backing an allocated
+        block of a scaled model (nor a free block the failing model could take)."""
         with self._lock:
             live, allocated, per = self._book.slack(live_tokens)
-            unusable, unformatted = 0, 0
+            unusable, unformatted, overhead, covered = 0, 0, 0, 0
+            fkey, fpool = None, None
             if failing_model is not None:
-                fs, fpool = self._pool(failing_model)
-                covered = 0
-                for p in self._pools.values():
-                    covered += p.nbytes(self.slab_size)
-                    t, names = p.table, self._format_names(p)
-                    with t._lock:
-                        if p is not fpool:           # another pool: none of it is usable by this model
-                            unformatted += len(t.free_slabs) * 2 * p.num_layers * self.slab_size
-                        for bb in t.formats:
-                            if p is fpool and bb == fs.block_bytes:
-                                continue
-                            b = t.partial_free_blocks(bb) * 2 * p.num_layers * bb
-                            unusable += b
-                            per.setdefault(names[bb], {"live_bytes": 0.0, "allocated_bytes": 0,
-                                                       "slack_bytes": 0.0, "unusable_free_bytes": 0})
-                            per[names[bb]]["unusable_free_bytes"] += b
-                unformatted += self.buffer_bytes - covered
+                _, fpool = self._pool(failing_model)
+                fkey = self._fmt[failing_model]
+            for p in self._pools.values():
+                covered += p.nbytes(self.slab_size) + p.scale_nbytes
+                t, names, L2 = p.table, self._format_names(p), 2 * p.num_layers
+                with t._lock:
+                    overhead += t.carved_padding * L2 + p.scale_nbytes
+                    if failing_model is None:
+                        continue
+                    if p is not fpool:               # another pool: none of it is usable by this model
+                        unformatted += len(t.free_slabs) * L2 * self.slab_size
+                    else:
+                        overhead += t.free_slab_padding(fkey) * L2
+                    for bb in t.formats:
+                        if p is fpool and bb == fkey:
+                            continue
+                        b = t.partial_free_blocks(bb) * L2 * bb
+                        unusable += b
+                        per.setdefault(names[bb], {"live_bytes": 0.0, "allocated_bytes": 0,
+                                                   "slack_bytes": 0.0, "unusable_free_bytes": 0})
+                        per[names[bb]]["unusable_free_bytes"] += b
+            for m, s in self._book.specs.items():             # scale slots in use are allocated bytes
+                if self._split(m):
+                    overhead -= len(self._book.owned[m]) * 2 * s.num_layers * s.scale_bytes
+            if failing_model is not None and self._split(failing_model):
+                fs = self._book.specs[failing_model]
+                overhead -= fpool.table.num_free_blocks(fkey) * 2 * fs.num_layers * fs.scale_bytes
+            unformatted += self.buffer_bytes - covered
             return FragmentationReport(self.buffer_bytes, live, allocated, unusable, unformatted, per,
-                                       failing_model)
+                                       failing_model, overhead)
+
+    def usable_free_bytes(self, model_id: str) -> int:
+        """Bytes of free blocks the model could allocate now (for checking the metric's books)."""
+        s, p = self._pool(model_id)
+        return p.table.num_free_blocks(self._fmt[model_id]) * s.bytes_per_block
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -652,7 +954,8 @@ class StaticPartitionAllocator:
         s = r.spec
         return self.buffer[r.offset: r.offset + r.nbytes].view(s.num_layers, 2, r.num_blocks * s.block_bytes)
 
-    def alloc(self, model_id: str, n: int) -> list[int]:
+    def alloc(self, model_id: str, n: int, near: int | None = None) -> list[int]:
+        """n block ids of the model's region (`near` is accepted for KVSlabManager parity, unused)."""
         r = self._region(model_id)
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")

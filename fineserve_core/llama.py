@@ -1,11 +1,16 @@
 """Llama-family decoder over a flat batch of tokens (mixed prefill chunks and decodes) with a paged KV cache.
 
-The precision seams are explicit: every projection is built by `linear.make_linear(precision, ...)`, and
-attention reads and writes KV through `PagedKVCache`, whose block format follows the precision.
+The precision seams are explicit: every projection is built by `linear.make_linear(precision, ...)` (or,
+from a quantized checkpoint, `linear.linear_from_tensors`), and attention reads and writes KV through
+`PagedKVCache`, whose block format follows the precision. For w4a8kv4 the attention also applies FireQ's
+post-RoPE scaling (`self_attn.k_post_scale`, when the checkpoint has it) right after RoPE and quantizes
+the queries to FP8 per (token, head) before attention (`fake_quant_q_fp8`; an FP8 attention kernel takes
+the FP8 queries and their scales directly).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +18,9 @@ from torch import nn
 
 from fineserve_core.attention import AttnBatch, paged_attention
 from fineserve_core.config import LlamaConfig
-from fineserve_core.linear import make_linear
+from fineserve_core.linear import LINEAR_TENSORS, linear_from_tensors, make_linear
 from fineserve_core.paged_kv import PagedKVCache
+from fineserve_core.quant.formats import quantize_q_fp8
 
 
 class RMSNorm(nn.Module):
@@ -70,30 +76,58 @@ def _rotate(x, cos, sin):
     return x * cos + rot * sin
 
 
+@dataclass(frozen=True, slots=True)
+class QuantRuntime:
+    """Switches of a quantized runner. The serving precisions use the defaults; the others exist for
+    the accuracy ablation ladder (`fineserve_core.eval_ppl`) and are not serving precisions."""
+    act_fp8: bool = True     # FP8 per-token activations into every quantized projection
+    q_fp8: bool = True       # FP8 per-(token, head) queries before attention (w4a8kv4 only)
+    pow2: bool = True        # W4 quantization on load (float checkpoints) searches the per-tensor 2^k
+
+
+def fake_quant_q_fp8(q: torch.Tensor) -> torch.Tensor:
+    """FireQ's Q8: FP8 E4M3 per (token, head), absmax/448 (`formats.quantize_q_fp8`), dequantized
+    again for the torch reference attention. (An FP8 attention kernel takes q_fp8 and its scale.)"""
+    q_fp8, scale = quantize_q_fp8(q)
+    return (q_fp8.float() * scale).to(q.dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int, w: dict, precision: str, dtype, rotary: Rotary):
+    def __init__(self, cfg: LlamaConfig, layer: int, qkv_proj: nn.Module, o_proj: nn.Module, rotary: Rotary,
+                 q_fp8: bool = False, k_post_scale: torch.Tensor | None = None):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = make_linear(precision, torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]), dtype)
-        self.o_proj = make_linear(precision, w["o_proj"], dtype)
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
         self.rotary = rotary
+        self.q_fp8 = q_fp8
+        # FireQ post-RoPE scaling S (online, after RoPE): k[:, h, c] *= S[h, c]; q[:, h', c] /= S[h, c]
+        # for every query head h' of KV head h's group. 1.0 outside the top-k channels.
+        self.k_post_scale = self.q_post_scale = None
+        if k_post_scale is not None:
+            ks = k_post_scale.reshape(self.nkv, self.hd)
+            self.k_post_scale = ks
+            self.q_post_scale = (1.0 / ks.double()).repeat_interleave(self.nh // self.nkv, 0).to(ks.dtype)
 
     def forward(self, x, positions, batch: AttnBatch, kv: PagedKVCache):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q, k = self.rotary(positions, q.view(-1, self.nh, self.hd), k.view(-1, self.nkv, self.hd))
+        if self.k_post_scale is not None:
+            k = k * self.k_post_scale
+            q = q * self.q_post_scale
         v = v.view(-1, self.nkv, self.hd)
         kv.write(self.layer, batch.slot_mapping, k, v)
-        o = paged_attention(q, kv, self.layer, batch)
+        if self.q_fp8:
+            q = fake_quant_q_fp8(q)
+        o = paged_attention(q, kv, self.layer, batch, k, v)
         return self.o_proj(o.reshape(-1, self.nh * self.hd))
 
 
 class MLP(nn.Module):
-    def __init__(self, w: dict, precision: str, dtype):
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, intermediate_size: int):
         super().__init__()
-        self.inter = w["gate_proj"].shape[0]
-        self.gate_up_proj = make_linear(precision, torch.cat([w["gate_proj"], w["up_proj"]]), dtype)
-        self.down_proj = make_linear(precision, w["down_proj"], dtype)
+        self.inter = intermediate_size
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -101,46 +135,186 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer, w, precision, dtype, rotary):
+    def __init__(self, cfg, layer, input_norm: torch.Tensor, post_norm: torch.Tensor, attn: Attention, mlp: MLP):
         super().__init__()
-        self.input_layernorm = RMSNorm(w["input_layernorm"], cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer, w, precision, dtype, rotary)
-        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm"], cfg.rms_norm_eps)
-        self.mlp = MLP(w, precision, dtype)
+        self.input_layernorm = RMSNorm(input_norm, cfg.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(post_norm, cfg.rms_norm_eps)
+        self.mlp = mlp
 
     def forward(self, x, positions, batch, kv):
         x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# ---- checkpoint layouts ------------------------------------------------------------------------------
+# A float checkpoint (HF names) holds per layer the 9 tensors of FLOAT_LAYER; the runner fuses q/k/v
+# and gate/up and quantizes them for fp8/w4a8kv4 as they arrive (round to nearest).
+# A quantized checkpoint (`fineserve quantize`, `fineserve_core.quant.checkpoint`) holds the fused
+# projections already quantized: per layer the two norms, `<proj>.<t>` for proj in QUANT_PROJS and t in
+# `linear.LINEAR_TENSORS[precision]`, and for w4a8kv4 optionally `self_attn.k_post_scale` [Hkv, D].
+
+FLOAT_LAYER = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+               "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+QUANT_PROJS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+K_POST_SCALE = "self_attn.k_post_scale"
+_QUANT_SUFFIX_PRECISION = {".qweight": "w4a8kv4", ".scales": "w4a8kv4", ".pow2": "w4a8kv4",
+                           ".weight_scale": "fp8"}
+
+
+def fused_proj_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """[N, K] of the runner's fused projections."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    return {"self_attn.qkv_proj": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h),
+            "self_attn.o_proj": (h, cfg.num_heads * d),
+            "mlp.gate_up_proj": (2 * cfg.intermediate_size, h),
+            "mlp.down_proj": (h, cfg.intermediate_size)}
+
+
+def quantized_layer_spec(cfg: LlamaConfig, precision: str, post_rope: bool) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """Per-layer tensor name (without `model.layers.N.`) -> (shape, allowed dtypes) of a quantized layer."""
+    from fineserve_core.quant.formats import FP8_DTYPE, group_size_for
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    h = cfg.hidden_size
+    spec: dict[str, tuple[tuple[int, ...], tuple]] = {"input_layernorm.weight": ((h,), floats),
+                                                      "post_attention_layernorm.weight": ((h,), floats)}
+    for proj, (n, k) in fused_proj_shapes(cfg).items():
+        if precision == "w4a8kv4":
+            spec[f"{proj}.qweight"] = ((n, k // 2), (torch.uint8,))
+            spec[f"{proj}.scales"] = ((n, k // group_size_for(k)), (FP8_DTYPE,))
+            spec[f"{proj}.pow2"] = ((), floats)
+        elif precision == "fp8":
+            spec[f"{proj}.weight"] = ((n, k), (FP8_DTYPE,))
+            spec[f"{proj}.weight_scale"] = ((n,), floats)
+        else:
+            raise ValueError(f"precision {precision!r} has no quantized checkpoint layout")
+    if post_rope:
+        spec[K_POST_SCALE] = ((cfg.num_kv_heads, cfg.head_dim), floats)
+    return spec
+
+
+def _checkpoint_error(msg: str) -> Exception:
+    from fineserve_core.model_source import CheckpointError
+    return CheckpointError(msg)
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, weights, precision: str = "bf16", dtype=torch.bfloat16, device="cpu"):
+    def __init__(self, cfg: LlamaConfig, weights, precision: str = "bf16", dtype=torch.bfloat16, device="cpu",
+                 quant: QuantRuntime | None = None, quant_config: dict | None = None):
         """`weights` yields (hf_name, tensor); layers are built as their tensors arrive, so peak memory
-        stays near one copy of the model (quantized precisions convert layer by layer)."""
+        stays near one copy of the model (quantized precisions convert layer by layer).
+
+        `weights` may be a float checkpoint (HF names; fp8/w4a8kv4 are then quantized round-to-nearest
+        on load) or a quantized checkpoint of `precision` (see QUANT_PROJS). A quantized tensor of
+        another precision, a missing or unexpected tensor, or a wrong shape/dtype raises
+        `CheckpointError` naming the tensor. `quant_config` (the checkpoint's `quantization_config`,
+        when the caller has it) is checked against `precision` before any tensor is read.
+        """
         super().__init__()
         self.cfg, self.precision, self.dtype, self.device = cfg, precision, dtype, torch.device(device)
+        self.quant = quant or QuantRuntime()
+        if quant_config is not None and quant_config.get("precision") != precision:
+            raise _checkpoint_error(
+                f"checkpoint quantization_config says precision {quant_config.get('precision')!r} but "
+                f"precision {precision!r} was requested: load it with precision={quant_config.get('precision')!r}")
         self.rotary = Rotary(cfg, self.device)
         per_layer: dict[int, dict] = {}
         top: dict[str, torch.Tensor] = {}
         layers: dict[int, DecoderLayer] = {}
         for name, t in weights:
-            t = t.to(self.device, dtype)
+            if t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                t = t.to(self.device, dtype)
+            else:
+                t = t.to(self.device)
+            for suffix, p in _QUANT_SUFFIX_PRECISION.items():
+                if name.endswith(suffix) and p != precision:
+                    raise _checkpoint_error(
+                        f"tensor {name!r} belongs to a {p} checkpoint but precision {precision!r} was requested "
+                        f"(load this checkpoint with precision={p!r})")
             if name.startswith("model.layers."):
                 i, rest = name[len("model.layers."):].split(".", 1)
                 i = int(i)
-                per_layer.setdefault(i, {})[rest.split(".")[-2]] = t
-                if len(per_layer[i]) == 9:  # q k v o gate up down + 2 norms: build and drop the raw tensors
-                    layers[i] = DecoderLayer(cfg, i, per_layer.pop(i), precision, dtype, self.rotary)
+                if not 0 <= i < cfg.num_layers:
+                    raise _checkpoint_error(f"unexpected tensor {name!r}: the model has {cfg.num_layers} layers")
+                d = per_layer.setdefault(i, {})
+                d[rest] = t
+                if len(d) == len(FLOAT_LAYER) and all(k in d for k in FLOAT_LAYER):
+                    layers[i] = self._float_layer(i, per_layer.pop(i))   # build and drop the raw tensors
             else:
                 top[name] = t
+        post_rope = any(K_POST_SCALE in d for d in per_layer.values())
+        for i in sorted(per_layer):
+            layers[i] = self._quantized_layer(i, per_layer.pop(i), post_rope)
         missing = [i for i in range(cfg.num_layers) if i not in layers]
-        if missing or per_layer:
-            raise ValueError(f"checkpoint is missing tensors of layers {sorted(set(missing) | set(per_layer))}")
+        if missing:
+            raise _checkpoint_error(f"checkpoint has no tensors for layers {missing} "
+                                    f"(e.g. missing tensor 'model.layers.{missing[0]}.input_layernorm.weight')")
         self.layers = nn.ModuleList(layers[i] for i in range(cfg.num_layers))
+        want = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
+        if not cfg.tie_word_embeddings:
+            want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+        for name, shape in want.items():
+            if name not in top:
+                raise _checkpoint_error(f"checkpoint is missing tensor {name!r} (expected shape {list(shape)})")
+            if tuple(top[name].shape) != shape:
+                raise _checkpoint_error(f"tensor {name!r} has shape {list(top[name].shape)}, expected {list(shape)}")
         self.embed_tokens = top["model.embed_tokens.weight"]
         self.norm = RMSNorm(top["model.norm.weight"], cfg.rms_norm_eps)
         # the LM head stays in the model dtype for every precision (FireQ quantizes the decoder layers only)
         self.lm_head = top["model.embed_tokens.weight"] if cfg.tie_word_embeddings else top["lm_head.weight"]
+
+    def _attention(self, i, qkv, o, k_post_scale=None) -> Attention:
+        q_fp8 = self.precision == "w4a8kv4" and self.quant.q_fp8
+        return Attention(self.cfg, i, qkv, o, self.rotary, q_fp8=q_fp8, k_post_scale=k_post_scale)
+
+    def _float_layer(self, i: int, w: dict) -> DecoderLayer:
+        p, dt, cfg = self.precision, self.dtype, self.cfg
+        opts = {} if p == "bf16" else {"act_quant": self.quant.act_fp8, "pow2": self.quant.pow2}
+        shapes = fused_proj_shapes(cfg)
+        for proj, parts in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn.o_proj", ("o_proj",)),
+                            ("mlp.gate_up_proj", ("gate_proj", "up_proj")), ("mlp.down_proj", ("down_proj",))):
+            pre = proj.split(".")[0]
+            n = sum(w[f"{pre}.{x}.weight"].shape[0] for x in parts)
+            k = {w[f"{pre}.{x}.weight"].shape[1] for x in parts}
+            if (n, *k) != shapes[proj]:
+                raise _checkpoint_error(f"layer {i}: {[f'model.layers.{i}.{pre}.{x}.weight' for x in parts]} have "
+                                        f"shapes {[list(w[f'{pre}.{x}.weight'].shape) for x in parts]}, "
+                                        f"the config needs {list(shapes[proj])} in all")
+        attn = self._attention(
+            i, make_linear(p, torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
+                                         w["self_attn.v_proj.weight"]]), dt, **opts),
+            make_linear(p, w["self_attn.o_proj.weight"], dt, **opts))
+        mlp = MLP(make_linear(p, torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), dt, **opts),
+                  make_linear(p, w["mlp.down_proj.weight"], dt, **opts), cfg.intermediate_size)
+        return DecoderLayer(cfg, i, w["input_layernorm.weight"], w["post_attention_layernorm.weight"], attn, mlp)
+
+    def _quantized_layer(self, i: int, w: dict, post_rope: bool) -> DecoderLayer:
+        cfg, p = self.cfg, self.precision
+        if p == "bf16" or not any(any(k.endswith(s) for s in _QUANT_SUFFIX_PRECISION) for k in w):
+            missing = [k for k in FLOAT_LAYER if k not in w]
+            raise _checkpoint_error(f"checkpoint is missing tensor 'model.layers.{i}.{missing[0]}'"
+                                    + (f" (and {len(missing) - 1} more of layer {i})" if len(missing) > 1 else ""))
+        spec = quantized_layer_spec(cfg, p, post_rope)
+        for name, (shape, dtypes) in spec.items():
+            full = f"model.layers.{i}.{name}"
+            if name not in w:
+                raise _checkpoint_error(f"checkpoint is missing tensor {full!r} (expected shape {list(shape)}, "
+                                        f"precision {p})")
+            t = w[name]
+            if tuple(t.shape) != shape and not (name.endswith(".pow2") and t.numel() == 1):
+                raise _checkpoint_error(f"tensor {full!r} has shape {list(t.shape)}, expected {list(shape)}")
+            if t.dtype not in dtypes:
+                raise _checkpoint_error(f"tensor {full!r} has dtype {t.dtype}, expected {dtypes[0]}")
+        extra = sorted(set(w) - set(spec))
+        if extra:
+            raise _checkpoint_error(f"unexpected tensor 'model.layers.{i}.{extra[0]}' in a {p} checkpoint")
+        a = self.quant.act_fp8
+        lin = {proj: linear_from_tensors(p, {t: w[f"{proj}.{t}"] for t in LINEAR_TENSORS[p]}, act_quant=a)
+               for proj in QUANT_PROJS}
+        attn = self._attention(i, lin["self_attn.qkv_proj"], lin["self_attn.o_proj"], w.get(K_POST_SCALE))
+        mlp = MLP(lin["mlp.gate_up_proj"], lin["mlp.down_proj"], cfg.intermediate_size)
+        return DecoderLayer(cfg, i, w["input_layernorm.weight"], w["post_attention_layernorm.weight"], attn, mlp)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, kv: PagedKVCache):

@@ -14,7 +14,11 @@ class PagedKVCache:
         self.v = [fmt.views(region[layer, 1]) for layer in range(region.shape[0])]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [n, Hkv, D] of n new tokens at their slots."""
+        """Store k, v [n, Hkv, D] of n new tokens at their slots (on CUDA: `kernels.kv_write`, bit-exact)."""
+        if k.is_cuda:
+            from kernels import kv_write
+            kv_write(k, v, slots, self.k[layer], self.v[layer], self.fmt.precision)
+            return
         T = self.fmt.tokens_per_block
         blocks, offs = slots // T, slots % T
         for (data, scale), x in ((self.k[layer], k), (self.v[layer], v)):

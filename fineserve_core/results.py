@@ -27,11 +27,16 @@ def device_tag() -> str:
     return m.group(1) if m else ("cpu" if name.startswith("cpu") else re.sub(r"\W+", "-", name)[:16])
 
 
-def run_info() -> dict:
-    """Command, device, versions and date for a results JSON."""
+def run_info(argv: list[str] | None = None) -> dict:
+    """Command, device, versions and date for a results JSON (`argv`: the `fineserve` subcommand's
+    arguments when the CLI runs in-process, e.g. `cli.main([...])`; default: `sys.argv`)."""
     import transformers
     argv0 = Path(sys.argv[0]).name
-    info = {"command": " ".join(["fineserve", *sys.argv[1:]]) if argv0 == "fineserve" else " ".join(sys.argv),
+    if argv is not None:
+        command = " ".join(["fineserve", *argv])
+    else:
+        command = " ".join(["fineserve", *sys.argv[1:]]) if argv0 == "fineserve" else " ".join(sys.argv)
+    info = {"command": command,
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device": device_name(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -51,9 +56,9 @@ def run_info() -> dict:
     return info
 
 
-def write_result(name: str, payload: dict, path: str | Path | None = None) -> Path:
+def write_result(name: str, payload: dict, path: str | Path | None = None, *, argv: list[str] | None = None) -> Path:
     """Write {run info, payload} to `path` or load_tests/results/<name>-<device tag>.json."""
     out = Path(path) if path else RESULTS_DIR / f"{name}-{device_tag()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**run_info(), **payload}, indent=2) + "\n")
+    out.write_text(json.dumps({**run_info(argv), **payload}, indent=2) + "\n")
     return out

@@ -34,7 +34,8 @@ class SamplingParams(Strict):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # a temperature this small overflows the logits: treat it as greedy, as vLLM does
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -48,6 +49,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p   # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < max(params.top_p, 1e-6)   # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -8,12 +8,14 @@ recompute: its blocks are freed and it re-prefills later, so no output token eve
 Admission policy: `fcfs` (queue order) or `saab`, FineServe's SLO-aware adaptive batching: with a
 linear TTFT model (seconds per batched token), a request that would miss its TTFT deadline even if
 admitted alone now is dropped (reported to the client, counted as an SLO miss); of the rest, the
-longest are held back until every admitted request is predicted to meet its deadline.
+longest are held back until every admitted request is predicted to meet its deadline. `prism`
+(`PrismScheduler`): Prism's queue, the baseline's local policy.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
 from fineserve_core.kv_slab import BlockCache, KVOutOfMemory
 from fineserve_core.sequence import Sequence, Status
@@ -21,12 +23,14 @@ from fineserve_core.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, blocks: BlockCache, tokens_per_block: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs", ttft_per_token: float = 0.0):
+                 policy: str = "fcfs", ttft_per_token: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         if policy not in ("fcfs", "saab"):
             raise ValueError(f"unknown scheduling policy {policy!r} (fcfs or saab)")
         self.blocks, self.T = blocks, tokens_per_block
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.policy, self.ttft_per_token = policy, ttft_per_token
+        self.clock = clock                       # SAAB's "now"; a simulator passes its simulated clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.dropped: list[Sequence] = []        # SAAB drops since the engine last collected them
@@ -71,7 +75,7 @@ class Scheduler:
         """Waiting sequences that may start now, in queue order."""
         if self.policy == "fcfs" or not self.waiting:
             return list(self.waiting)
-        now, tpt = time.monotonic(), self.ttft_per_token
+        now, tpt = self.clock(), self.ttft_per_token
         batched = sum(len(s) - s.num_computed for s in self.running)   # a decode counts one token
         slo = [s for s in self.waiting if s.deadline is not None and s.first_token_time is None]
         for s in slo:
@@ -119,3 +123,45 @@ class Scheduler:
         if seq.block_ids:
             self.blocks.free(seq.block_ids)
             seq.block_ids = []
+
+
+class PrismScheduler(Scheduler):
+    """Prism's queue as FineServe's code has it ("prism" local policy): like SAAB, hopeless requests
+    are dropped; then requests are taken in queue order and each is admitted only if its predicted
+    TTFT, now + ttft_per_token x (tokens batched + cumulative input of the admitted requests before it
+    and itself), meets its deadline (per-request prediction instead of SAAB's joint one)."""
+
+    def __init__(self, *a, **kw):
+        kw["policy"] = "saab"                    # the base class validates the name; _admissible is ours
+        super().__init__(*a, **kw)
+        self.policy = "prism"
+
+    def _admissible(self) -> list[Sequence]:
+        if not self.waiting:
+            return []
+        now, tpt = self.clock(), self.ttft_per_token
+        batched = sum(len(s) - s.num_computed for s in self.running)
+        out, total = [], batched
+        for s in list(self.waiting):
+            if s.deadline is None or s.first_token_time is not None:
+                out.append(s)
+                continue
+            need = len(s) - s.num_computed
+            if now + tpt * (batched + need) >= s.deadline:       # hopeless even alone: drop
+                self.waiting.remove(s)
+                self._release(s)
+                s.status = Status.FINISHED
+                self.dropped.append(s)
+                continue
+            if now + tpt * (total + need) < s.deadline:
+                out.append(s)
+                total += need
+        return out
+
+
+def make_scheduler(policy: str, blocks: BlockCache, tokens_per_block: int, max_num_seqs: int,
+                   max_num_batched_tokens: int, **kw) -> Scheduler:
+    """The local scheduler of a policy name: fcfs | saab | prism."""
+    if policy == "prism":
+        return PrismScheduler(blocks, tokens_per_block, max_num_seqs, max_num_batched_tokens, **kw)
+    return Scheduler(blocks, tokens_per_block, max_num_seqs, max_num_batched_tokens, policy, **kw)

@@ -1,33 +1,83 @@
 """TTFT through Ray Serve (HTTP → proxy → ingress → worker → engine) vs the same engine in-process.
 
     python -m load_tests.serve_overhead --config serve_configs/prod.yaml --requests 20
+    python -m load_tests.serve_overhead --config serve_configs/dev.yaml --prompt-tokens 16 --tiny   # CPU
 
-Starts a private cluster and the config's app, times streamed requests with a fixed token-id prompt
-and max_tokens=1 sequentially per tier, shuts Serve down, then times the same request on an
-in-process Engine of each tier. Writes load_tests/results/serve-overhead-<device>.json.
+Starts a private cluster (free ports on 127.0.0.1, so it never meets another cluster) and the config's
+app, times streamed requests with a fixed token-id prompt and max_tokens=1 sequentially per tier over
+HTTP (one keep-alive client, as OpenAI clients hold one: a client per request costs ~20 ms of TLS-context
+setup on the client's side, which is not serving overhead) and straight to the tier's worker through a
+deployment handle (no proxy, no ingress), shuts Serve down, then times the same request on an
+in-process Engine of each tier, with as many torch threads as a Ray worker process gets. `--tiny` serves
+every tier from a 2-layer random-weight Llama instead (SmolLM2's config family and tokenizer), so on a
+CPU the model's few ms do not drown the overhead. Writes load_tests/results/serve-overhead-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
 from fineserve_core.results import write_result
 
 
-def ttft_http(base: str, model: str, prompt: list[int]) -> float:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_checkpoint(root: Path) -> str:
+    """A local HF directory: SmolLM2's config cut to 2 layers of width 128, seeded random bf16 weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fineserve_core.model_source import expected_weight_shapes, load_llama_config, resolve_model
+    real = Path(resolve_model("smollm2-135m").path)
+    root.mkdir(parents=True, exist_ok=True)
+    for f in real.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, root / f.name)
+    c = json.loads((real / "config.json").read_text())
+    c.update(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32)
+    (root / "config.json").write_text(json.dumps(c, indent=1))
+    g = torch.Generator().manual_seed(0)
+    save_file({n: (torch.randn(s, generator=g) * 0.05 if len(s) > 1 else torch.ones(s)).to(torch.bfloat16)
+               for n, s in expected_weight_shapes(load_llama_config(root)).items()}, str(root / "model.safetensors"))
+    return str(root)
+
+
+def ttft_http(client: httpx.Client, base: str, model: str, prompt: list[int]) -> float:
     body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True, "ignore_eos": True}
     t0 = time.perf_counter()
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+    with client.stream("POST", base + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 return time.perf_counter() - t0
     raise RuntimeError(f"{model}: the stream ended without a token")
+
+
+def ttft_handle(handle, prompt: list[int]) -> float:
+    """Driver -> worker replica through a streaming DeploymentHandle: the worker hop without proxy and ingress."""
+    req = {"request_id": f"probe-{time.monotonic_ns()}", "params": {"max_tokens": 1, "temperature": 0.0,
+           "ignore_eos": True}, "arrival": time.time(), "overflow": False, "prompt": prompt}
+    t0 = time.perf_counter()
+    for item in handle.generate.remote(req):
+        if "error" in item:
+            raise RuntimeError(f"worker refused the probe: {item['error']}")
+        return time.perf_counter() - t0
+    raise RuntimeError("the worker stream ended without a token")
 
 
 def ttft_engine(engine, prompt: list[int]) -> float:
@@ -43,12 +93,20 @@ def ttft_engine(engine, prompt: list[int]) -> float:
     return t
 
 
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="serve_configs/prod.yaml")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="serve every tier from a 2-layer random-weight Llama")
+    ap.add_argument("--out", default=None, help="result path (default load_tests/results/serve-overhead-<device>.json)")
+    ap.add_argument("--note", default="", help="stored in the result, e.g. what else shared the machine")
     args = ap.parse_args()
 
     import ray
@@ -61,24 +119,40 @@ def main() -> int:
     from fineserve_core.engine import Engine
 
     raw = load_serve_config(args.config)
+    if args.tiny:
+        tiny_dir = tempfile.TemporaryDirectory(prefix="fineserve-tiny-")     # removed when the run exits
+        src = tiny_checkpoint(Path(tiny_dir.name) / "tiny-llama")
+        for m in raw["applications"][0]["args"]["models"]:
+            m["source"] = src
     cfg = AppConfig(**raw["applications"][0]["args"])
-    http = raw.get("http_options") or {}
-    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 18000)}"
+    port = free_port()
+    raw["http_options"] = {**(raw.get("http_options") or {}), "host": "127.0.0.1", "port": port}
+    base = f"http://127.0.0.1:{port}"
     prompt = [(7 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]
 
     t0 = time.perf_counter()
-    start_cluster(cfg.num_gpus, include_dashboard=False)
+    start_cluster(cfg.num_gpus, include_dashboard=False, metrics_port=free_port())
     deploy(raw, blocking=False)
     startup_s = time.perf_counter() - t0
     served: dict[str, list[float]] = {}
+    handled: dict[str, list[float]] = {}
+    client = httpx.Client(timeout=300)
     for m in cfg.models:
+        handle = serve.get_deployment_handle(m.deployment_name, raw["applications"][0].get("name", "default"))
+        handle = handle.options(stream=True)
         for _ in range(args.warmup):
-            ttft_http(base, m.tier, prompt)
-        served[m.tier] = [ttft_http(base, m.tier, prompt) for _ in range(args.requests)]
+            ttft_http(client, base, m.tier, prompt)
+            ttft_handle(handle, prompt)
+        served[m.tier] = [ttft_http(client, base, m.tier, prompt) for _ in range(args.requests)]
+        handled[m.tier] = [ttft_handle(handle, prompt) for _ in range(args.requests)]
+    client.close()
+    worker_threads = ray.get(ray.remote(num_cpus=0)(_torch_threads).remote())
     serve.shutdown()
     ray.shutdown()
     gc.collect()
 
+    if not torch.cuda.is_available():
+        torch.set_num_threads(worker_threads)      # CPU: the same compute as inside a replica
     direct: dict[str, list[float]] = {}
     for m in cfg.models:
         e = m.engine
@@ -96,13 +170,20 @@ def main() -> int:
     rows = {}
     for tier in served:
         s, d = statistics.median(served[tier]), statistics.median(direct[tier])
+        h = statistics.median(handled[tier])
+        # overhead_ms = proxy + ingress (serve - handle) + worker hop and replica (handle - engine)
         rows[tier] = {"ttft_p50_serve_ms": s * 1e3, "ttft_p50_engine_ms": d * 1e3, "overhead_ms": (s - d) * 1e3,
-                      "serve_ms": [x * 1e3 for x in served[tier]], "engine_ms": [x * 1e3 for x in direct[tier]]}
+                      "ttft_p50_handle_ms": h * 1e3, "proxy_ingress_ms": (s - h) * 1e3,
+                      "serve_ms": [x * 1e3 for x in served[tier]], "engine_ms": [x * 1e3 for x in direct[tier]],
+                      "handle_ms": [x * 1e3 for x in handled[tier]]}
     path = write_result("serve-overhead", {"config": args.config, "prompt_tokens": args.prompt_tokens,
-                                           "requests": args.requests, "startup_s": startup_s, "tiers": rows})
-    print(f"{'tier':28s} {'serve p50 ms':>12s} {'engine p50 ms':>13s} {'overhead ms':>11s}")
+                                           "requests": args.requests, "startup_s": startup_s, "note": args.note,
+                                           "worker_torch_threads": worker_threads, "tiny": args.tiny,
+                                           "tiers": rows}, args.out)
+    print(f"{'tier':28s} {'serve p50 ms':>12s} {'handle p50 ms':>13s} {'engine p50 ms':>13s} {'overhead ms':>11s}")
     for tier, r in rows.items():
-        print(f"{tier:28s} {r['ttft_p50_serve_ms']:12.1f} {r['ttft_p50_engine_ms']:13.1f} {r['overhead_ms']:11.1f}")
+        print(f"{tier:28s} {r['ttft_p50_serve_ms']:12.1f} {r['ttft_p50_handle_ms']:13.1f} "
+              f"{r['ttft_p50_engine_ms']:13.1f} {r['overhead_ms']:11.1f}")
     print(f"app startup {startup_s:.0f}s; wrote {path}")
     print(json.dumps({t: round(r["overhead_ms"], 2) for t, r in rows.items()}))
     return 0

@@ -13,9 +13,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fineserve_core.config import PRECISIONS
 from fineserve_core.kv_format import KVFormat
-from fineserve_core.kv_slab import (BlockCache, KVAllocator, KVOutOfMemory, KVSlabManager, ModelKVSpec,
-                                    StaticPartitionAllocator, fragmentation)
-from fineserve_core.kv_trace import mean_kv_demand_bytes, replay_trace, synthetic_trace
+from fineserve_core.kv_slab import (SLAB_POLICIES, BlockCache, KVAllocator, KVOutOfMemory, KVSlabManager,
+                                    KVSlabTable, ModelKVSpec, SlabPolicy, StaticPartitionAllocator, fragmentation)
+from fineserve_core.kv_trace import _replay_trace_stepwise, piecewise_trace, replay_trace, synthetic_trace
 
 # SmolLM2-135M KV shapes: 3 KV heads, head_dim 64 -> blocks of 12288 (bf16), 6144 (fp8), 6336 (w4a8kv4) B.
 FMTS = {p: KVFormat.for_model(p, 3, 64, torch.bfloat16) for p in PRECISIONS}
@@ -51,17 +51,26 @@ def check_no_overlap(a: KVAllocator, owned: dict[str, list[int]]) -> None:
     ranges in layer 0's K is exact; distinct regions must not intersect at all.
     """
     groups: dict[tuple, list[str]] = {}
+    slab = isinstance(a, KVSlabManager)
+    bb = {m: a.table_format(m) if slab else a.spec(m).block_bytes for m in a.model_ids}   # bytes in the region
+    scale_spans = set()
     for m in a.model_ids:
-        t = a.kv_region(m)
+        t = a.kv_data_region(m) if slab else a.kv_region(m)
         assert t.dtype == torch.uint8 and t.dim() == 3 and t.shape[1] == 2
         assert t.shape[0] == a.spec(m).num_layers
         groups.setdefault((t.data_ptr(), tuple(t.shape)), []).append(m)
-    spans = sorted((ptr, ptr + math.prod(shape)) for ptr, shape in groups)
+        if slab and bb[m] != a.spec(m).block_bytes:                  # split scales: a region of its own
+            sr = a.kv_scale_region(m)
+            assert sr.shape == (a.spec(m).num_layers, 2, a.pool_table(a.spec(m).num_layers).num_ids(bb[m])
+                                * a.spec(m).scale_bytes)
+            scale_spans.add((sr.data_ptr(), sr.data_ptr() + sr.numel()))
+    spans = sorted([(ptr, ptr + math.prod(shape)) for ptr, shape in groups] + list(scale_spans))
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert end <= start, "two pools/regions overlap"
+    lo = a.buffer.data_ptr()
+    assert all(lo <= x and y <= lo + a.buffer_bytes for x, y in spans), "a region lies outside the buffer"
     for (ptr, shape), models in groups.items():
-        iv = sorted((b * a.spec(m).block_bytes, (b + 1) * a.spec(m).block_bytes, m, b)
-                    for m in models for b in owned[m])
+        iv = sorted((b * bb[m], (b + 1) * bb[m], m, b) for m in models for b in owned[m])
         for x, y in zip(iv, iv[1:]):
             assert x[1] <= y[0], f"block {x[3]} of {x[2]} overlaps block {y[3]} of {y[2]}"
         if iv:
@@ -69,6 +78,10 @@ def check_no_overlap(a: KVAllocator, owned: dict[str, list[int]]) -> None:
 
 
 def check_slab_tables(a: KVSlabManager, owned: dict[str, list[int]]) -> None:
+    for m in a.model_ids:                    # a block never straddles a slab edge (padded slabs)
+        bb, S = a.table_format(m), a.slab_size
+        for b in owned[m]:
+            assert b * bb // S == ((b + 1) * bb - 1) // S, f"block {b} of {m} straddles a slab edge"
     for L, t in a.pools.items():
         free = list(t.free_slabs)
         partial = [s for v in t.partial_slabs.values() for s in v]
@@ -85,9 +98,26 @@ def check_slab_tables(a: KVSlabManager, owned: dict[str, list[int]]) -> None:
                 assert t.slabs[s].block_bytes == bb and t.slabs[s].is_full()
             n_alloc = sum(t.slabs[s].num_allocated for s in (*t.partial_slabs[bb], *t.full_slabs[bb]))
             n_owned = sum(len(owned[m]) for m in a.model_ids
-                          if a.spec(m).num_layers == L and a.spec(m).block_bytes == bb)
+                          if a.spec(m).num_layers == L and a.table_format(m) == bb)
             assert n_alloc == n_owned, "blocks leaked or double-counted"
-            assert t.num_free_blocks(bb) == len(free) * t.blocks_per_slab(bb) + t.partial_free_blocks(bb)
+            assert t.partial_free_blocks(bb) == sum(t.slabs[s].num_free for s in t.partial_slabs[bb])
+            assert t.num_free_blocks(bb) == sum(t.slab_capacity(bb, s) for s in free) + t.partial_free_blocks(bb)
+        assert t.carved_padding == sum(t.slab_size - t.slabs[s].num_blocks * t.slabs[s].block_bytes
+                                       for s in range(t.num_slabs) if t.slabs[s].block_bytes)
+
+
+def check_fragmentation_books(a: KVAllocator, held: dict[str, list[int]]) -> None:
+    """Every buffer byte is accounted once: allocated + free usable by the failing model + unusable +
+    unformatted + overhead == buffer, for each model as the failing one."""
+    if not isinstance(a, KVSlabManager):
+        return
+    live = {m: len(held[m]) * a.spec(m).tokens_per_block for m in a.model_ids}
+    for m in a.model_ids:
+        r = a.fragmentation(live, m)
+        total = r.allocated_bytes + a.usable_free_bytes(m) + r.unusable_free_bytes + \
+            r.unusable_unformatted_bytes + r.overhead_bytes
+        assert total == a.buffer_bytes, f"{m}: books off by {total - a.buffer_bytes} B"
+        assert r.overhead_bytes >= 0 and r.unusable_free_bytes >= 0
 
 
 class AllocatorMachine(RuleBasedStateMachine):
@@ -115,12 +145,14 @@ class AllocatorMachine(RuleBasedStateMachine):
             return self.owned
         return {m: self.owned[m] + list(self.caches[m]._local) for m in self.models}
 
-    @rule(i=st.integers(0, 9), n=st.integers(0, 150))
-    def alloc(self, i, n):
+    @rule(i=st.integers(0, 9), n=st.integers(0, 150), data=st.data())
+    def alloc(self, i, n, data):
         m = self.models[i % len(self.models)]
         before, snap = self._free_count(m), self._snapshot()
+        # a slab hint (used by the affinity policy): one of the model's blocks, or nothing
+        near = data.draw(st.sampled_from(self.owned[m])) if self.owned[m] and data.draw(st.booleans()) else None
         try:
-            ids = self.caches[m].alloc(n) if self.caches else self.a.alloc(m, n)
+            ids = self.caches[m].alloc(n) if self.caches else self.a.alloc(m, n, near=near)
         except KVOutOfMemory as e:
             assert n > before, f"{n} blocks refused with {before} free"
             assert m in str(e)
@@ -174,6 +206,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert c.num_cached <= max(c.high_watermark, c.refill)
         if isinstance(self.a, KVSlabManager):
             check_slab_tables(self.a, held)
+            check_fragmentation_books(self.a, held)
 
     def teardown(self):
         for m in self.models:
@@ -190,10 +223,10 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert len(t.free_slabs) == t.num_slabs, "a slab did not come back after freeing everything"
 
 
-def machine_test(make, use_cache=False):
+def machine_test(make, use_cache=False, max_examples=30):
     name = f"Machine_{make.__name__}_{'cache' if use_cache else 'direct'}"
     cls = type(name, (AllocatorMachine,), {"make": staticmethod(make), "use_cache": use_cache})
-    cls.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None,
+    cls.TestCase.settings = settings(max_examples=max_examples, stateful_step_count=30, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
     return cls.TestCase
 
@@ -216,6 +249,19 @@ TestStaticPartition = machine_test(static_partition)
 TestCacheOnSlab = machine_test(slab_one_pool, use_cache=True)
 TestCacheOnSlabTwoPools = machine_test(slab_two_pools, use_cache=True)
 TestCacheOnStatic = machine_test(static_partition, use_cache=True)
+
+
+def _policy_maker(policy: str):
+    def make():                      # a small buffer: ~9 faithful slabs' worth, many slabs when fine
+        return KVSlabManager(units(3 * 30 + 6 * 30), smol_specs(), policy=policy)
+    make.__name__ = f"slab_{policy}"
+    return make
+
+
+# Every non-default slab policy through the same random alloc/free/bad-free sequences.
+for _p in SLAB_POLICIES:
+    if _p != "faithful":
+        globals()[f"TestSlabPolicy_{_p}"] = machine_test(_policy_maker(_p), max_examples=12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,35 +579,146 @@ def test_static_shares_follow_rate_times_bytes_per_token():
         assert share == pytest.approx(w[s.model_id] / sum(w.values()), abs=0.01)
 
 
-# DESIGN.md target: KV bytes wasted with 3 precisions co-located, slab <= 3 %, static partition >= 25 %.
-# Measured on this trace: slab ~9.8 %, static partition ~14.4 % (slack of the last, partly filled block
-# alone is ~3 %), so neither target holds; the trace (Poisson, equal rates, buffer = mean demand) was
-# fixed before measuring and is not tuned. The test checks the replay's sanity and that KV Slab wastes
-# less than the static partition on this trace, and prints both numbers.
-def test_fragmentation_trace_slab_vs_static(capsys):
+# ---------------------------------------------------------------------------------------------------
+# slab policies, the event-driven replay, the benchmark
+# ---------------------------------------------------------------------------------------------------
+
+def test_policy_lookup_and_default():
+    assert KVSlabManager(units(3 * 30), smol_specs()).policy == SLAB_POLICIES["faithful"] == SlabPolicy()
+    with pytest.raises(ValueError, match="unknown slab policy"):
+        KVSlabManager(units(3 * 30), smol_specs(), policy="nope")
+    with pytest.raises(ValueError):
+        SlabPolicy("x", partial_choice="random")
+    with pytest.raises(ValueError, match="does not divide"):
+        KVSlabTable(2, 1000, [300])                                  # padding="none" needs a divisor
+
+
+def test_padded_slab_keeps_block_offsets():
+    """padding="edge": slab = 3 bf16 blocks (the smallest multiple of 12288 holding 4 w4a8kv4 blocks of
+    6336 B is 36864); a w4a8kv4 block id still means bytes [b * 6336, (b + 1) * 6336) of the region, so
+    KVFormat.views works unchanged, and ids crossing a slab edge are never used."""
+    specs = smol_specs(max_num_batched_tokens=64)                # one slab of minimum reservation each
+    a = KVSlabManager(torch.empty(4 * 30 * 2 * 36864, dtype=torch.uint8, device="meta"), specs, policy="padded")
+    assert a.slab_size == 36864 and a.pool_table(30).num_slabs == 4
+    t, m = a.pool_table(30), "smol-w4a8kv4"
+    caps = [t.slab_capacity(BB["w4a8kv4"], s) for s in range(4)]
+    assert caps == [5, 5, 5, 5] and t.num_ids(BB["w4a8kv4"]) == 4 * 36864 // 6336    # 23 ids, 20 usable
+    ids = a.alloc(m, a.num_free_blocks(m))
+    assert len(ids) == a.num_blocks(m) and 5 not in ids                    # block 5 spans bytes 31680..38016
+    data, _ = FMTS["w4a8kv4"].views(a.kv_region(m)[0, 0])
+    assert data.shape[0] == 23
+    r = a.fragmentation({m: 0}, m)
+    assert r.overhead_bytes == t.carved_padding * 2 * 30 > 0
+    a.free(m, ids)
+    assert t.carved_padding == 0 and len(t.free_slabs) == t.num_slabs
+
+
+def test_split_scale_layout_is_a_study_option():
+    a = KVSlabManager(units(3 * 30), smol_specs(), policy="split_scale")
+    m = "smol-w4a8kv4"
+    assert a.table_format(m) == FMTS["w4a8kv4"].data_bytes == BB["fp8"]    # shares fp8's 6144 B format
+    assert a.slab_size == 2 * 12288
+    with pytest.raises(NotImplementedError, match="scale"):
+        a.kv_region(m)
+    sr = a.kv_scale_region(m)
+    n_ids = a.pool_table(30).num_ids(6144)
+    assert sr.shape == (30, 2, n_ids * FMTS["w4a8kv4"].scale_bytes)
+    # reserved scale slots not backing an allocated w4a8kv4 block are overhead
+    ids = a.alloc(m, 10)
+    a.alloc("smol-fp8", 3)
+    r = a.fragmentation({m: 640}, "smol-bf16")
+    assert r.overhead_bytes == (n_ids - 10) * 2 * 30 * 192
+    assert a.fragmentation({m: 640}, m).overhead_bytes == (n_ids - 10 - a.num_free_blocks(m)) * 2 * 30 * 192
+    a.free(m, ids)
+
+
+def test_whole_slabs_first_and_bestfit():
+    t = KVSlabTable(4, 1024, [128], whole_slabs_first=True)     # 8 blocks per slab
+    t.alloc(128, 3)                                             # slab 0 partial (5 free)
+    ids = t.alloc(128, 11)                                      # one whole free slab, then 3 into slab 0
+    assert sorted({b // 8 for b in ids}) == [0, 1] and sum(b // 8 == 1 for b in ids) == 8
+    bf = KVSlabTable(4, 1024, [128], partial_choice="fullest")
+    got = bf.alloc(128, 32)
+    bf.free(128, got[0:6])                                      # slab 0: 6 free
+    bf.free(128, got[8:10])                                     # slab 1: 2 free
+    assert bf.alloc(128, 1)[0] // 8 == 1                        # best fit: the fullest partial slab
+    lo = KVSlabTable(4, 1024, [128])
+    got = lo.alloc(128, 32)
+    lo.free(128, got[0:6])
+    lo.free(128, got[8:10])
+    assert lo.alloc(128, 1)[0] // 8 == 0                        # FineServe-faithful: lowest slab id
+    aff = KVSlabManager(units(3 * 30), smol_specs(), policy="affinity")
+    x = aff.alloc("smol-bf16", 70)                              # slab 0 full, slab 1 holds 4
+    aff.free("smol-bf16", x[:2])                                # slab 0 has 2 free
+    assert aff.alloc("smol-bf16", 1, near=x[-1])[0] // 66 == 1 # stays with its sequence's slab
+    assert aff.alloc("smol-bf16", 1)[0] // 66 == 0
+
+
+def test_event_replay_matches_stepwise():
     specs = smol_specs()
-    steps = 3000
-    trace = synthetic_trace([s.model_id for s in specs], steps, 0.1, seed=0)
-    stride = 2 * 30 * SLAB
-    # Buffer = the trace's mean live KV demand (Little's law), in whole 30-layer slab units.
-    nbytes = max(3, round(mean_kv_demand_bytes(trace, specs, steps) / stride)) * stride
-    res = {}
-    for cls in (KVSlabManager, StaticPartitionAllocator):
-        for cache in (False, True):
-            a = cls(torch.empty(nbytes, dtype=torch.uint8, device="meta"), specs)
-            r = replay_trace(a, trace, use_block_cache=cache)
-            assert r.completed + r.dropped == len(trace) and r.dropped == 0
-            assert r.failures > 0 and r.failure_steps > 0, "the buffer never ran out: trace too light"
-            assert 0.01 < r.mean_slack_fraction < 0.1 and 0 < r.mean_wasted_fraction < 1
-            assert all(a.num_allocated_blocks(m) == 0 for m in a.model_ids)
-            res[(cls.__name__, cache)] = r
-    slab, static = res[("KVSlabManager", False)], res[("StaticPartitionAllocator", False)]
-    msg = (f"wasted at OOM: slab {slab.mean_wasted_fraction:.2%} (slack {slab.mean_slack_fraction:.2%}, "
-           f"unusable {slab.mean_unusable_fraction:.2%}), static {static.mean_wasted_fraction:.2%} "
-           f"(slack {static.mean_slack_fraction:.2%}, unusable {static.mean_unusable_fraction:.2%}); "
-           f"KV efficiency slab {slab.mean_kv_efficiency:.2%}, static {static.mean_kv_efficiency:.2%}; "
-           f"with block caches: slab {res[('KVSlabManager', True)].mean_wasted_fraction:.2%}, "
-           f"static {res[('StaticPartitionAllocator', True)].mean_wasted_fraction:.2%}")
+    ids = [s.model_id for s in specs]
+    trace = piecewise_trace(ids, [(300, {ids[0]: 0.3, ids[1]: 0.05}), (300, {ids[2]: 0.3, ids[1]: 0.1})], seed=3,
+                            input_mean=200, output_mean=150)
+    for make, cache in ((lambda: KVSlabManager(units(3 * 30 + 30), specs), False),
+                        (lambda: KVSlabManager(units(3 * 30 + 30), specs, policy="padded_wholeslab"), False),
+                        (lambda: KVSlabManager(units(3 * 30 + 30), specs, policy="affinity"), False),
+                        (lambda: StaticPartitionAllocator(units(3 * 30 + 30), specs), True)):
+        for kw in ({"max_num_seqs": 256}, {"max_num_seqs": 8, "max_steps": 400}):
+            fast = replay_trace(make(), trace, use_block_cache=cache, **kw)
+            slow = _replay_trace_stepwise(make(), trace, use_block_cache=cache, **kw)
+            assert fast.to_dict() == slow.to_dict()
+            assert fast.failures > 0 or kw["max_num_seqs"] == 8
+
+
+def _benchmark():
+    try:
+        from load_tests import kv_fragmentation
+    except ImportError:                                        # pytest run without the repo root on sys.path
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from load_tests import kv_fragmentation
+    return kv_fragmentation
+
+
+# DESIGN.md target: KV bytes wasted with 3 precisions co-located, KV Slab <= 3 %, static partition >= 25 %.
+# What the benchmark's quick mode (SmolLM2 shape, ShareGPT-like lengths, buffer = mean demand, seed 0)
+# honestly shows, and what this test asserts:
+#   * the "ideal" pool (any free byte usable by any model) wastes only the last block's slack, ~3 %:
+#     no block allocator at 32/64-token blocks can get below it, so <= 3 % is out of reach;
+#   * static partition with equal shares wastes the most, more than static sized by demand;
+#   * FineServe's KV Slab vs static(demand) depends on the load: on this seed it wins on the stationary
+#     trace and loses on the rotating one (its 811 KB slabs, 8 in the buffer, get pinned by the model
+#     that was hot); over 3 seeds and at GPU scale the two are within a few points (see
+#     load_tests/results/kv-fragmentation-cpu.json). Printed, not asserted.
+#   * finer slabs fix that: padded_wholeslab (no layout change) and split_scale_fine (layout change)
+#     waste less than faithful on the rotating trace and generate more tokens on both.
+def test_fragmentation_benchmark_quick(capsys):
+    kf = _benchmark()
+    payload = kf.run_benchmark(quick=True, jobs=1)
+    res = payload["results"]
+    lines = []
+    for sc, d in res.items():
+        for r in payload["runs"]:
+            if r["scenario"] == sc:
+                assert r["completed"] > 0 and r["failures"] > 0, f"{sc}/{r['allocator']}: the buffer never ran out"
+                assert 0.015 < r["mean_slack_fraction"] < 0.12, f"{sc}/{r['allocator']}: slack {r['mean_slack_fraction']:.2%}"
+        w = {a: v["mean_wasted_fraction"] for a, v in d.items()}
+        tok = {a: v["generated_tokens"] for a, v in d.items()}
+        msg = (f"{sc}: wasted at OOM " + ", ".join(f"{a} {x:.2%}" for a, x in w.items())
+               + f"; tokens faithful {tok['faithful']:.0f}, padded_wholeslab {tok['padded_wholeslab']:.0f}, "
+                 f"split_scale_fine {tok['split_scale_fine']:.0f}, static_demand {tok['static_demand']:.0f}")
+        lines.append(msg)
+        floor = d["ideal"]
+        assert floor["mean_unusable_fraction"] == 0 and floor["mean_overhead_fraction"] == 0, msg
+        assert all(w["ideal"] <= x + 1e-9 for x in w.values()), msg
+        assert w["ideal"] > 0.025, f"slack floor {w['ideal']:.2%} vs the 3 % target; {msg}"
+        assert w["static_equal"] > w["static_demand"], msg
+        for better in ("padded_wholeslab", "split_scale_fine"):
+            assert tok[better] > tok["faithful"], msg
+    rot = res["smol-rotate"]
+    msg = lines[-1]
+    assert rot["padded_wholeslab"]["mean_wasted_fraction"] < rot["faithful"]["mean_wasted_fraction"], msg
+    assert rot["split_scale_fine"]["mean_wasted_fraction"] < rot["faithful"]["mean_wasted_fraction"], msg
     with capsys.disabled():
-        print("\n[kv fragmentation] " + msg)
-    assert slab.mean_wasted_fraction < static.mean_wasted_fraction, msg
+        print("\n[kv fragmentation, quick] " + "\n[kv fragmentation, quick] ".join(lines))

@@ -237,8 +237,11 @@ def search_pow2(w: torch.Tensor, group_size: int | None = None) -> float:
     return min(candidates)[1]        # least slack, then smallest p
 
 
-def quantize_w4(w: torch.Tensor, group_size: int | None = None) -> W4Weight:
+def quantize_w4(w: torch.Tensor, group_size: int | None = None, pow2: float | None = None) -> W4Weight:
     """Quantize a weight [N, K] (any float dtype) to FireQ W4 (INT4, FP8 group scales, pow2).
+
+    `pow2` fixes the per-tensor power of two instead of searching it (None, the default: search);
+    pow2=1.0 gives plain RTN with FP8 group scales (the ablation without the per-tensor scale).
 
         p   = search_pow2(w, group_size)                         (group_size default group_size_for(K))
         Wp  = float32(w) · p                                     (exact)
@@ -250,7 +253,12 @@ def quantize_w4(w: torch.Tensor, group_size: int | None = None) -> W4Weight:
     the rounding is ≤ 2^-4 relative, so absmax/s ≤ 7.4375 and the bound is exactly s/2.
     """
     g = _check_weight(w, group_size)
-    p = search_pow2(w, g)
+    if pow2 is None:
+        p = search_pow2(w, g)
+    else:
+        p = float(pow2)
+        if p <= 0 or math.frexp(p)[0] != 0.5:
+            raise ValueError(f"pow2 must be a positive power of two, got {pow2}")
     N, K = w.shape
     wp = (w.float() * p).reshape(N, K // g, g)
     s8 = _int4_scale_fp8(wp.abs().amax(dim=-1))                    # [N, K/g] fp8
