@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fineserve_core.paged_kv import PagedKVCache
+from fineserve_core.quant.formats import quantize_q_fp8
 
 
 @dataclass(slots=True)
@@ -30,12 +31,21 @@ class AttnBatch:
 
 
 def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
-                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None, q_fp8: bool = False) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D] in q's dtype. k, v [T, Hkv, D]: this step's new keys and values
-    (already written to the cache); the CUDA prefill kernel reads them instead of the cache."""
+    (already written to the cache); the CUDA prefill kernel reads them instead of the cache.
+    `q_fp8`: FireQ's Q8 (w4a8kv4) — the reference attends over `fake_quant_q_fp8(q)`; the CUDA kernels
+    take q unquantized and quantize it to the same FP8 codes themselves (one launch, not ~12 torch ops)."""
     if q.is_cuda:
-        return _cuda_attention(q, kv, layer, batch, k, v)
-    return paged_attention_ref(q, kv, layer, batch)
+        return _cuda_attention(q, kv, layer, batch, k, v, q_fp8)
+    return paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch)
+
+
+def fake_quant_q_fp8(q: torch.Tensor) -> torch.Tensor:
+    """FireQ's Q8: FP8 E4M3 per (token, head), absmax/448 (`formats.quantize_q_fp8`), dequantized
+    again for the torch reference attention."""
+    q8, scale = quantize_q_fp8(q)
+    return (q8.float() * scale).to(q.dtype)
 
 
 def paged_attention_ref(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
@@ -117,7 +127,7 @@ def _meta(batch: AttnBatch, device, have_kv: bool) -> _CudaMeta:
     return m
 
 
-def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v) -> torch.Tensor:
+def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v, q_fp8: bool) -> torch.Tensor:
     import kernels
     prec = kv.fmt.precision
     m = _meta(batch, q.device, k is not None)
@@ -125,7 +135,7 @@ def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v) -> 
     if m.decode:
         qd = q if m.dec_tok is None else q.index_select(0, m.dec_tok)
         q_scale = None
-        if prec == "w4a8kv4":     # FireQ's Q8: q was fake-quantized (llama), re-quantizing recovers its FP8 codes
+        if prec == "w4a8kv4":     # FireQ's Q8: FP8 q per (token, head), the codes of `fake_quant_q_fp8`
             qd, q_scale = kernels.quant_qk_fp8(qd)
         od = kernels.paged_decode_attention(qd, kv.k[layer], kv.v[layer], m.block_tables, m.kv_lens, prec,
                                             q_scale=q_scale, out_dtype=q.dtype)
@@ -150,5 +160,6 @@ def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v) -> 
         out = torch.empty_like(q) if out is None else out
         out.index_copy_(0, m.pre_tok, op)
     if m.other:
-        out = paged_attention_ref(q, kv, layer, batch, rows=m.other, out=torch.empty_like(q) if out is None else out)
+        out = paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch, rows=m.other,
+                                  out=torch.empty_like(q) if out is None else out)
     return out

@@ -13,7 +13,7 @@ from fineserve_core.kv_slab import BlockCache, KVAllocator, KVSlabManager, Model
 from fineserve_core.llama import LlamaModel
 from fineserve_core.model_source import iter_weights, load_tokenizer, resolve_model
 from fineserve_core.paged_kv import PagedKVCache
-from fineserve_core.sampling import SamplingParams, sample
+from fineserve_core.sampling import SamplingParams, sample_batch
 from fineserve_core.scheduler import make_scheduler
 from fineserve_core.sequence import Sequence
 
@@ -154,8 +154,9 @@ class Engine:
         if samplers:
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
             now = time.monotonic()
-            for seq, row in zip(samplers, logits):
-                outputs.append(self._append(seq, sample(row, seq.params, seq.generator), now))
+            tokens = sample_batch(logits, [s.params for s in samplers], [s.generator for s in samplers])
+            for seq, token in zip(samplers, tokens):
+                outputs.append(self._append(seq, token, now))
         return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:

@@ -19,6 +19,8 @@ the references: `DESIGN.md`'s rule), else it falls back to the reference with a 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,23 @@ from fineserve_core.quant.formats import (
     FP8Weight, W4Weight, dequantize_w4_unscaled, quantize_fp8_per_token, quantize_fp8_weight, quantize_w4,
 )
 
-__all__ = ["DenseLinear", "FP8Linear", "W4A8Linear", "make_linear", "linear_from_tensors", "LINEAR_TENSORS"]
+__all__ = ["DenseLinear", "FP8Act", "FP8Linear", "W4A8Linear", "act_group", "make_linear", "linear_from_tensors",
+           "LINEAR_TENSORS"]
+
+
+@dataclass(slots=True)
+class FP8Act:
+    """Activations already FP8-quantized per token by a fused producer kernel (`llama.DecoderLayer.fused`):
+    x8 [M, K] float8_e4m3fn — in the W4A8 GEMM's dK order with group `act_group(proj)` for a W4A8Linear —,
+    scale [M] float32, and the model dtype the projection returns."""
+    x8: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def act_group(proj: nn.Module) -> int | None:
+    """The dK group a quantizer must write for `proj`'s GEMM (None: plain K order)."""
+    return proj.group_size if isinstance(proj, W4A8Linear) else None
 
 
 def _cuda_kernel(name: str):
@@ -109,7 +127,10 @@ class W4A8Linear(_QuantLinear):
     def _dequantized(self) -> torch.Tensor:
         return dequantize_w4_unscaled(self.w4)          # q·s, float32, exact
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Act) -> torch.Tensor:
+        if isinstance(x, FP8Act):
+            import kernels
+            return kernels.w4a8_gemm_fp8(x.x8, x.scale, self.w4, x.dtype)
         if x.is_cuda and self.act_quant:
             kernel = _cuda_kernel("w4a8_gemm")
             if kernel is not None:                       # the Triton kernel (kernels issue)
@@ -143,7 +164,10 @@ class FP8Linear(_QuantLinear):
     def _dequantized(self) -> torch.Tensor:
         return self.weight.float()                      # FP8 values, exact in float32 and bf16
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Act) -> torch.Tensor:
+        if isinstance(x, FP8Act):
+            import kernels
+            return kernels.fp8_gemm_fp8(x.x8, x.scale, self.fp8, x.dtype)
         if x.is_cuda and self.act_quant:
             kernel = _cuda_kernel("fp8_gemm")
             if kernel is not None:

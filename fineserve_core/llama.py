@@ -4,8 +4,8 @@ The precision seams are explicit: every projection is built by `linear.make_line
 from a quantized checkpoint, `linear.linear_from_tensors`), and attention reads and writes KV through
 `PagedKVCache`, whose block format follows the precision. For w4a8kv4 the attention also applies FireQ's
 post-RoPE scaling (`self_attn.k_post_scale`, when the checkpoint has it) right after RoPE and quantizes
-the queries to FP8 per (token, head) before attention (`fake_quant_q_fp8`; an FP8 attention kernel takes
-the FP8 queries and their scales directly).
+the queries to FP8 per (token, head) in attention (`attention.paged_attention(q_fp8=True)`: the torch
+reference attends over the dequantized FP8 queries; the CUDA kernels quantize q themselves).
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from torch import nn
 
 from fineserve_core.attention import AttnBatch, paged_attention
 from fineserve_core.config import LlamaConfig
-from fineserve_core.linear import LINEAR_TENSORS, linear_from_tensors, make_linear
+from fineserve_core.linear import LINEAR_TENSORS, FP8Act, act_group, linear_from_tensors, make_linear
 from fineserve_core.paged_kv import PagedKVCache
-from fineserve_core.quant.formats import quantize_q_fp8
 
 
 class RMSNorm(nn.Module):
@@ -29,11 +28,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as transformers does, so float32 runs match it bit for bit in spirit
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with `residual`: s = x + residual and (norm(s), s) — the residual add rides along so
+        the quantized CUDA path can fuse add + norm + FP8 quant into one kernel (`DecoderLayer`)."""
+        if residual is not None:
+            x = x + residual
+        # float32 statistics, as transformers does, so float32 runs match it bit for bit in spirit; on CUDA
+        # F.rms_norm is the same formula in one kernel (the CPU keeps transformers' op chain, exact)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if xf.is_cuda:
+            xf = F.rms_norm(xf, (xf.shape[-1],), eps=self.eps)
+        else:
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.weight * xf.to(x.dtype)
+        return y if residual is None else (y, x)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -62,18 +70,20 @@ class Rotary(nn.Module):
     def __init__(self, cfg: LlamaConfig, device):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+        h = self.inv_freq.numel()
+        self.register_buffer("sign", torch.cat((-torch.ones(h), torch.ones(h))).to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sign·sin) [T, 1, D] in `dtype`, once per step for all layers (transformers' values; the
+        sign of rotate_half is folded into sin: (-a)·b == a·(-b) exactly)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return emb.cos().to(dtype)[:, None, :], (emb.sin().to(dtype) * self.sign.to(dtype))[:, None, :]
 
 
-def _rotate(x, cos, sin):
-    h = x.shape[-1] // 2
-    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return x * cos + rot * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, D/2)·(sign·sin): 4 ops, not 7."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,41 +95,35 @@ class QuantRuntime:
     pow2: bool = True        # W4 quantization on load (float checkpoints) searches the per-tensor 2^k
 
 
-def fake_quant_q_fp8(q: torch.Tensor) -> torch.Tensor:
-    """FireQ's Q8: FP8 E4M3 per (token, head), absmax/448 (`formats.quantize_q_fp8`), dequantized
-    again for the torch reference attention. (An FP8 attention kernel takes q_fp8 and its scale.)"""
-    q_fp8, scale = quantize_q_fp8(q)
-    return (q_fp8.float() * scale).to(q.dtype)
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int, qkv_proj: nn.Module, o_proj: nn.Module, rotary: Rotary,
+    def __init__(self, cfg: LlamaConfig, layer: int, qkv_proj: nn.Module, o_proj: nn.Module,
                  q_fp8: bool = False, k_post_scale: torch.Tensor | None = None):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj, self.o_proj = qkv_proj, o_proj
-        self.rotary = rotary
         self.q_fp8 = q_fp8
         # FireQ post-RoPE scaling S (online, after RoPE): k[:, h, c] *= S[h, c]; q[:, h', c] /= S[h, c]
-        # for every query head h' of KV head h's group. 1.0 outside the top-k channels.
-        self.k_post_scale = self.q_post_scale = None
+        # for every query head h' of KV head h's group. 1.0 outside the top-k channels. One multiply
+        # over the rotated q|k heads: qk_post_scale = [1/S per query head; S per KV head].
+        self.k_post_scale = self.qk_post_scale = None
         if k_post_scale is not None:
             ks = k_post_scale.reshape(self.nkv, self.hd)
             self.k_post_scale = ks
-            self.q_post_scale = (1.0 / ks.double()).repeat_interleave(self.nh // self.nkv, 0).to(ks.dtype)
+            qs = (1.0 / ks.double()).repeat_interleave(self.nh // self.nkv, 0).to(ks.dtype)
+            self.qk_post_scale = torch.cat((qs, ks))
 
-    def forward(self, x, positions, batch: AttnBatch, kv: PagedKVCache):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch, kv: PagedKVCache):
+        """`rope`: `Rotary`'s (cos, signed sin) of this step's positions."""
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, self.nh, self.hd), k.view(-1, self.nkv, self.hd))
-        if self.k_post_scale is not None:
-            k = k * self.k_post_scale
-            q = q * self.q_post_scale
-        v = v.view(-1, self.nkv, self.hd)
+        nqk = (self.nh + self.nkv) * self.hd
+        # q and k heads are adjacent in the fused projection: rotate (and post-scale) them as one tensor
+        qk = apply_rotary(qkv[..., :nqk].view(-1, self.nh + self.nkv, self.hd), *rope)
+        if self.qk_post_scale is not None:
+            qk = qk * self.qk_post_scale
+        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        v = qkv[..., nqk:].view(-1, self.nkv, self.hd)
         kv.write(self.layer, batch.slot_mapping, k, v)
-        if self.q_fp8:
-            q = fake_quant_q_fp8(q)
-        o = paged_attention(q, kv, self.layer, batch, k, v)
+        o = paged_attention(q, kv, self.layer, batch, k, v, q_fp8=self.q_fp8)
         return self.o_proj(o.reshape(-1, self.nh * self.hd))
 
 
@@ -130,21 +134,43 @@ class MLP(nn.Module):
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gu = self.gate_up_proj(x)
+        if isinstance(x, FP8Act):     # fused path (`DecoderLayer.fused`): SiLU·mul + FP8 quant, one kernel
+            import kernels
+            return self.down_proj(FP8Act(*kernels.silu_mul_quant_fp8(gu, group=act_group(self.down_proj)), x.dtype))
+        gate, up = gu.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """x, residual → (mlp output, residual): the residual add of each block is done by the next norm
+    (`RMSNorm(x, residual)`), so with `fused` (quantized precisions on CUDA) add + RMSNorm + FP8 quant
+    is one kernel (`kernels.rmsnorm_quant_fp8`) and SiLU·mul + quant another (`MLP`)."""
+
     def __init__(self, cfg, layer, input_norm: torch.Tensor, post_norm: torch.Tensor, attn: Attention, mlp: MLP):
         super().__init__()
         self.input_layernorm = RMSNorm(input_norm, cfg.rms_norm_eps)
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(post_norm, cfg.rms_norm_eps)
         self.mlp = mlp
+        self.fused = False        # set by LlamaModel (CUDA, quantized activations)
 
-    def forward(self, x, positions, batch, kv):
-        x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def _norm(self, norm: RMSNorm, x, residual, proj: nn.Module):
+        if self.fused:
+            import kernels
+            g = act_group(proj)
+            if residual is None:
+                x8, s = kernels.rmsnorm_quant_fp8(x, norm.weight, norm.eps, group=g)
+                return FP8Act(x8, s, x.dtype), x
+            x8, s, residual = kernels.rmsnorm_quant_fp8(x, norm.weight, norm.eps, residual, group=g)
+            return FP8Act(x8, s, x.dtype), residual
+        return (norm(x), x) if residual is None else norm(x, residual)
+
+    def forward(self, x, residual, rope, batch, kv):
+        h, residual = self._norm(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
+        h, residual = self._norm(self.post_attention_layernorm, self.self_attn(h, rope, batch, kv), residual,
+                                 self.mlp.gate_up_proj)
+        return self.mlp(h), residual
 
 
 # ---- checkpoint layouts ------------------------------------------------------------------------------
@@ -251,6 +277,7 @@ class LlamaModel(nn.Module):
             raise _checkpoint_error(f"checkpoint has no tensors for layers {missing} "
                                     f"(e.g. missing tensor 'model.layers.{missing[0]}.input_layernorm.weight')")
         self.layers = nn.ModuleList(layers[i] for i in range(cfg.num_layers))
+        self.set_fused(self.device.type == "cuda" and precision != "bf16" and self.quant.act_fp8)
         want = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
         if not cfg.tie_word_embeddings:
             want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
@@ -266,7 +293,7 @@ class LlamaModel(nn.Module):
 
     def _attention(self, i, qkv, o, k_post_scale=None) -> Attention:
         q_fp8 = self.precision == "w4a8kv4" and self.quant.q_fp8
-        return Attention(self.cfg, i, qkv, o, self.rotary, q_fp8=q_fp8, k_post_scale=k_post_scale)
+        return Attention(self.cfg, i, qkv, o, q_fp8=q_fp8, k_post_scale=k_post_scale)
 
     def _float_layer(self, i: int, w: dict) -> DecoderLayer:
         p, dt, cfg = self.precision, self.dtype, self.cfg
@@ -316,12 +343,22 @@ class LlamaModel(nn.Module):
         mlp = MLP(lin["mlp.gate_up_proj"], lin["mlp.down_proj"], cfg.intermediate_size)
         return DecoderLayer(cfg, i, w["input_layernorm.weight"], w["post_attention_layernorm.weight"], attn, mlp)
 
+    def set_fused(self, on: bool) -> None:
+        """Fused RMSNorm(+residual)+FP8 quant and SiLU·mul+FP8 quant kernels feeding the quantized GEMMs
+        (default on CUDA for fp8/w4a8kv4; on the CPU they run under Triton's interpreter, for tests)."""
+        if on and (self.precision == "bf16" or not self.quant.act_fp8):
+            raise ValueError("the fused kernels quantize activations: fp8/w4a8kv4 with act_fp8 only")
+        for layer in self.layers:
+            layer.fused = on
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, kv: PagedKVCache):
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary(positions, x.dtype)          # once per step, shared by all layers
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, batch, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, batch, kv)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ class PagedKVCache:
         self.fmt = fmt
         self.k = [fmt.views(region[layer, 0]) for layer in range(region.shape[0])]
         self.v = [fmt.views(region[layer, 1]) for layer in range(region.shape[0])]
+        self._slots: torch.Tensor | None = None     # the step's slot mapping of `_offsets` (CPU write)
+        self._offsets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, Hkv, D] of n new tokens at their slots (on CUDA: `kernels.kv_write`, bit-exact)."""
@@ -19,8 +21,7 @@ class PagedKVCache:
             from kernels import kv_write
             kv_write(k, v, slots, self.k[layer], self.v[layer], self.fmt.precision)
             return
-        T = self.fmt.tokens_per_block
-        blocks, offs = slots // T, slots % T
+        blocks, offs = self._block_offsets(slots)
         for (data, scale), x in ((self.k[layer], k), (self.v[layer], v)):
             p = self.fmt.precision
             if p == "bf16":
@@ -33,6 +34,13 @@ class PagedKVCache:
                 packed, s = quantize_kv_int4(x)
                 data[blocks, :, offs] = packed
                 scale[blocks, :, offs] = s
+
+    def _block_offsets(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots // T, slots % T), computed for the first layer of a step and reused by the others."""
+        if self._slots is not slots:
+            T = self.fmt.tokens_per_block
+            self._slots, self._offsets = slots, (slots // T, slots % T)
+        return self._offsets
 
     def gather(self, layer: int, block_ids: list[int], n: int, dtype: torch.dtype | None = None):
         """K and V of the first n tokens of a sequence, [Hkv, n, D], dequantized to `dtype`."""

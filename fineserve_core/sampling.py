@@ -52,3 +52,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         keep = sorted_p.cumsum(0) - sorted_p < max(params.top_p, 1e-6)   # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of float32 logits [B, V]: greedy rows with one batched argmax and one device→host
+    copy (a per-row argmax + int() is a launch and a sync per sequence); the others row by row."""
+    greedy = logits.argmax(-1).tolist() if any(p.greedy for p in params) else None
+    return [greedy[i] if p.greedy else sample(logits[i], p, g)
+            for i, (p, g) in enumerate(zip(params, generators))]

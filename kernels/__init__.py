@@ -19,7 +19,7 @@ _EXPORTS = {
                           "silu_mul_quant_fp8", "silu_mul_quant_fp8_ref"),
     "kernels.kv_store": ("kv_write", "kv_write_ref"),
     "kernels.attn_prefill": ("prefill_attention", "prefill_attention_ref", "quant_qk_fp8", "quant_v_fp8_t"),
-    "kernels.gemm_w4a8": ("GemmConfig", "fp8_gemm", "fp8_gemm_ref", "unpack_w4_fp8", "w4a8_gate_up_silu",
+    "kernels.gemm_w4a8": ("GemmConfig", "fp8_gemm", "fp8_gemm_fp8", "fp8_gemm_ref", "unpack_w4_fp8", "w4a8_gate_up_silu",
                           "w4a8_gate_up_silu_ref", "w4a8_gemm", "w4a8_gemm_fp8", "w4a8_gemm_ref"),
     "kernels.ffn": ("w4a8_ffn", "w4a8_ffn_ref"),
 }

@@ -48,7 +48,7 @@ from kernels._common import (
 
 __all__ = [
     "GemmConfig", "w4a8_gemm", "w4a8_gemm_ref", "w4a8_gemm_fp8", "w4a8_gate_up_silu", "w4a8_gate_up_silu_ref",
-    "unpack_w4_fp8", "unpack_w4_fp8_ref", "fp8_gemm", "fp8_gemm_ref", "deinterleave_k", "scales_t",
+    "unpack_w4_fp8", "unpack_w4_fp8_ref", "fp8_gemm", "fp8_gemm_fp8", "fp8_gemm_ref", "deinterleave_k", "scales_t",
 ]
 
 
@@ -431,6 +431,13 @@ def fp8_gemm(x: torch.Tensor, w: FP8Weight, out_dtype: torch.dtype | None = None
     x8, xs = quant_fp8(x.reshape(-1, x.shape[-1]))
     y = _scaled_mm_rowwise(x8, xs, w.weight, w.scale, out_dtype)
     return y.reshape(*lead, w.out_features)
+
+
+def fp8_gemm_fp8(x8: torch.Tensor, xs: torch.Tensor, w: FP8Weight, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """`fp8_gemm` on activations already quantized (e.g. by `rmsnorm_quant_fp8`): x8 fp8 [M, K], xs [M]."""
+    if x8.dtype != torch.float8_e4m3fn or x8.dim() != 2:
+        raise ValueError("x8 must be a 2-D float8_e4m3fn tensor")
+    return _scaled_mm_rowwise(x8, xs, w.weight, w.scale, out_dtype)
 
 
 def fp8_gemm_ref(x: torch.Tensor, w: FP8Weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -77,8 +77,9 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
     n, H, D = k.shape
     if n == 0:
         return
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
+    # k and v have their own token/head strides (views of the fused qkv output need no copy)
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     if kd.stride() != vd.stride() or (ks is not None and ks.stride() != vs.stride()):
         raise ValueError("K and V block views must share strides")
     T = kd.shape[2]

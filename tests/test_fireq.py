@@ -11,7 +11,7 @@ from fineserve_core.attention import AttnBatch
 from fineserve_core.config import LlamaConfig
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.linear import DenseLinear, FP8Linear, W4A8Linear, linear_from_tensors, make_linear, quantized_tensors
-from fineserve_core.llama import Attention, Rotary
+from fineserve_core.llama import Attention, Rotary, apply_rotary
 from fineserve_core.paged_kv import PagedKVCache
 from fineserve_core.quant import fireq
 from fineserve_core.quant.formats import (
@@ -81,8 +81,8 @@ def _scores(w, x, cfg, n_pos):
     L = x.shape[0]
     q = (x @ w["self_attn.q_proj.weight"].t()).view(L, cfg.num_heads, cfg.head_dim)
     k = (x @ w["self_attn.k_proj.weight"].t()).view(L, cfg.num_kv_heads, cfg.head_dim)
-    rot = Rotary(cfg, "cpu")
-    q, k = rot(n_pos, q, k)
+    cos, sin = Rotary(cfg, "cpu")(n_pos, q.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)
     return torch.einsum("qhd,khd->hqk", q, k), k
 
@@ -124,14 +124,13 @@ def test_post_rope_scales_pick_topk_and_partners(gen):
 def _attention(cfg, w, k_post_scale, kv_precision, x, dtype=torch.float64):
     qkv = DenseLinear(torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
                                  w["self_attn.v_proj.weight"]]), dtype)
-    attn = Attention(cfg, 0, qkv, DenseLinear(w["self_attn.o_proj.weight"], dtype), Rotary(cfg, "cpu"),
-                     k_post_scale=k_post_scale)
+    attn = Attention(cfg, 0, qkv, DenseLinear(w["self_attn.o_proj.weight"], dtype), k_post_scale=k_post_scale)
     fmt = KVFormat.for_model(kv_precision, cfg.num_kv_heads, cfg.head_dim, dtype, tokens_per_block=16)
     n = x.shape[0]
     nb = -(-n // 16)
     kv = PagedKVCache(fmt, torch.zeros(1, 2, nb * fmt.block_bytes, dtype=torch.uint8))
     batch = AttnBatch([n], [n], [list(range(nb))], torch.arange(n))
-    return attn(x.to(dtype), torch.arange(n), batch, kv)
+    return attn(x.to(dtype), Rotary(cfg, "cpu")(torch.arange(n), dtype), batch, kv)
 
 
 def test_post_rope_scaling_leaves_attention_unchanged_up_to_quantization(gen):

@@ -267,12 +267,18 @@ def test_fp8_gemm(gen):
 # ---------------------------------------------------------------------------------------------------- KV write
 
 @pytest.mark.parametrize("precision", ["w4a8kv4", "fp8", "bf16"])
-def test_kv_write_exact(gen, precision):
+@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "qkv_views"])
+def test_kv_write_exact(gen, precision, views):
     H, D, T, nb, n = 3, 64, 16, 6, 21
     fmt = KVFormat.for_model(precision, H, D, torch.bfloat16, T)
     region = torch.randint(0, 256, (2, nb * fmt.block_bytes), dtype=torch.uint8, generator=gen).to(DEV)
     region_ref = region.clone()
-    k, v = rnd(gen, n, H, D, scale=3.0), rnd(gen, n, H, D)
+    if views:   # as `llama.Attention` passes them: k a head slice of the rotated q|k, v a slice of fused qkv
+        k = rnd(gen, n, 3 * H, D, scale=3.0)[:, 2 * H:]
+        v = rnd(gen, n, 4 * H * D)[:, 3 * H * D:].view(n, H, D)
+        assert k.stride() != v.stride() and not k.is_contiguous()
+    else:
+        k, v = rnd(gen, n, H, D, scale=3.0), rnd(gen, n, H, D)
     k[0, 1] *= 1e-4                                                     # a tiny head: floored scale
     slots = torch.randperm(nb * T, generator=gen)[:n].to(DEV)
     slots[4] = -1                                                       # padding slot: skipped
