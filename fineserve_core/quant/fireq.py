@@ -62,7 +62,7 @@ class FireQConfig:
     beta: float = 8.0
     top_k: int = 8
     # NOT FireQ: GPTQ error compensation for the W4 weights (opt-in). On SmolLM2-135M with 4×2048 play
-    # tokens it lowers each layer's calibration error but raises PPL (load_tests/results/accuracy-smollm2*.json)
+    # tokens it lowers each layer's calibration error but raises PPL (load_tests/results/accuracy-smollm2-2k.json)
     gptq: bool = False
     gptq_damp: float = 0.01
     calib_seqs: int = 10           # FireQ: 10 × 2048 tokens
