@@ -33,6 +33,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import KeyChecker
+from app.grpc_bind import bind_to_node_ip
 from app.config import AppConfig
 from fineserve_core.sampling import MAX_STOP_STRINGS
 
@@ -275,6 +276,7 @@ api.add_middleware(Guard)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, workers: dict, app: dict, key_digests: list[str] | None = None):
+        bind_to_node_ip()
         self.cfg = AppConfig(**app)
         self.keys = KeyChecker(key_digests)
         self.workers = workers                                   # tier -> DeploymentHandle
@@ -473,8 +475,13 @@ class Ingress:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if kind == "chat.completion"
                   else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = last["finish_reason"]
+        headers = {"x-fineserve-tier": tier}
+        m = last.get("metrics") or {}
+        for key in ("ttft", "tpot", "e2e"):      # the engine's own times (TGI's x-*-time idea): what is not
+            if m.get(key) is not None:           # in them is transport, proxy, ingress and handle overhead
+                headers[f"x-fineserve-engine-{key}-ms"] = f"{m[key] * 1e3:.3f}"
         return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": tier,
-                             "choices": [choice], "usage": usage}, headers={"x-fineserve-tier": tier})
+                             "choices": [choice], "usage": usage}, headers=headers)
 
     async def _sse(self, stream, first: dict, rid: str, tier: str, kind: str, include_usage: bool):
         chat = kind == "chat.completion"

@@ -1,9 +1,9 @@
 """GpuSlabManager: one Ray actor per GPU owning that GPU's single KV buffer and its slab tables.
 
-Workers on the GPU map the same buffer (a CUDA IPC handle on GPU; a shared file in /dev/shm on CPU)
-and allocate blocks through the actor behind their local BlockCache, so the manager's bookkeeping is
-the only allocator state. The buffer is sized once, from the config, before any model loads: two
-models starting together can never each size "free memory" that the other is about to take.
+Workers on the GPU map the same buffer (a CUDA IPC handle on GPU; on CPU an unlinked /dev/shm file, opened
+through the manager's descriptor) and allocate blocks through the actor behind their local BlockCache, so
+the manager's bookkeeping is the only allocator state. The buffer is sized once, from the config, before
+any model loads: two models starting together can never each size "free memory" that the other is about to take.
 """
 from __future__ import annotations
 
@@ -55,9 +55,13 @@ class GpuSlabManager:
             buf = torch.empty(kv_bytes, dtype=torch.uint8, device=self.device)
         else:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-            fd, self._path = tempfile.mkstemp(prefix=f"fineserve-kv-gpu{gpu}-", dir=shm)
-            os.close(fd)
-            buf = torch.from_file(self._path, shared=True, size=kv_bytes, dtype=torch.uint8)
+            fd, path = tempfile.mkstemp(prefix=f"fineserve-kv-gpu{gpu}-", dir=shm)
+            buf = torch.from_file(path, shared=True, size=kv_bytes, dtype=torch.uint8)
+            # no name to leak: the file goes when this process and the last mapping of it are gone
+            # (a killed manager never runs a destructor); workers open it through our descriptor
+            os.unlink(path)
+            self._fd = fd
+            self._path = f"/proc/{os.getpid()}/fd/{fd}"
         self.policy = policy
         self.alloc_impl = make_allocator(policy, buf, specs)
         self.buffer = buf
@@ -179,6 +183,10 @@ class GpuSlabManager:
             except Exception:          # never take the allocator down
                 pass
 
+    def reclaimed_blocks(self, model_id: str, since: float = 0.0) -> int:
+        """Blocks of a model's owners returned to the pool since `since` (time.time())."""
+        return sum(r["blocks"] for r in self.reclaimed if r["model"] == model_id and r["time"] >= since)
+
     def owners(self) -> dict:
         with self._owner_lock:
             return {o: {"model": m, "blocks": len(self._owned.get(o, ()))} for o, (m, _) in self._owners.items()}
@@ -222,12 +230,6 @@ class GpuSlabManager:
                 "models": {m: {"allocated_blocks": d["allocated_blocks"], "num_blocks": d["num_blocks"]}
                            for m, d in stats["models"].items()}}
 
-    def __del__(self):
-        if getattr(self, "_path", None):      # Ray's ActorClass wrapper inherits __del__ and has no _path
-            try:
-                os.unlink(self._path)
-            except OSError:
-                pass
 
 
 class _SlabMetrics:

@@ -11,6 +11,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from app.config import AppConfig, ModelDeployment
 from app.controller import CONTROLLER_NAME
+from app.grpc_bind import bind_to_node_ip
 from app.slab_manager import RemoteAllocator
 from fineserve_core.async_engine import AsyncEngine
 from fineserve_core.config import EngineConfig
@@ -35,6 +36,7 @@ def physical_gpu(planned: int, pinned: bool) -> int:
 
 class ModelWorker:
     def __init__(self, model: dict, app: dict, pinned: bool):
+        bind_to_node_ip()
         self.cfg, app_cfg = ModelDeployment(**model), AppConfig(**app)
         self.gpu = physical_gpu(self.cfg.gpu, pinned)
         device = app_cfg.device
@@ -186,6 +188,7 @@ class ModelWorker:
                         "completion_tokens": out.completion_tokens}
                 if out.finished:
                     self._record(out)
+                    item["metrics"] = out.metrics      # the engine's own timings: callers can split latency
                 yield item
         except (RequestError, ValueError) as e:
             yield {"error": {"status": 400, "message": str(e)}}

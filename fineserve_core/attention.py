@@ -3,12 +3,14 @@
 One call serves a flat batch that mixes prefill chunks (many query tokens) and decodes (one token):
 query token i of a sequence sits at position kv_len - q_len + i and sees keys at positions <= its own.
 
-On the CPU (and for chunks that continue a cached prefix) the torch reference below runs. On CUDA the
-Triton kernels of `kernels/` serve the two common cases: decodes (q_len 1) go to the paged decode kernel,
-which reads the KV Slab blocks through the block table, and whole-prompt prefills (q_len == kv_len) go to
-the varlen causal prefill kernel over the step's fresh K/V — FP8 Q/K/V for fp8 and w4a8kv4 (FireQ's
-prefill; per-token Q/K and per-head V scales, so it rounds differently from the reference, which
-attends over the K/V read back from the cache), bf16 for bf16.
+Decodes (q_len 1) and chunks that continue a cached prefix read K/V back from the KV Slab blocks
+through the block table. Whole-prompt prefills (q_len == kv_len > 1) attend over the step's fresh K/V
+instead, as FireQ's prefill does: FP8 Q/K per (token, head) and FP8 V with one scale per KV head over the
+step's prefill tokens for fp8 and w4a8kv4, plain K/V for bf16. On CUDA the Triton kernels of `kernels/`
+serve both (paged decode kernel, varlen causal prefill kernel) and the torch reference the rest; on the
+CPU the torch reference below computes the same numbers (up to the kernel's FP8 rounding of the softmax
+probabilities). Passing no fresh K/V (`QuantRuntime.prefill_kv = "cache"`) makes prefills read the cache
+too: the way to see the KV format's own error in a perplexity.
 """
 from __future__ import annotations
 
@@ -33,12 +35,19 @@ class AttnBatch:
 def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
                     k: torch.Tensor | None = None, v: torch.Tensor | None = None, q_fp8: bool = False) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D] in q's dtype. k, v [T, Hkv, D]: this step's new keys and values
-    (already written to the cache); the CUDA prefill kernel reads them instead of the cache.
+    (already written to the cache); whole-prompt prefills attend over them (module doc), None: over the cache.
     `q_fp8`: FireQ's Q8 (w4a8kv4) — the reference attends over `fake_quant_q_fp8(q)`; the CUDA kernels
     take q unquantized and quantize it to the same FP8 codes themselves (one launch, not ~12 torch ops)."""
     if q.is_cuda:
         return _cuda_attention(q, kv, layer, batch, k, v, q_fp8)
-    return paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch)
+    pre = [i for i, (ql, kl) in enumerate(zip(batch.q_lens, batch.kv_lens)) if ql == kl > 1] if k is not None else []
+    rest = [i for i in range(len(batch.q_lens)) if i not in set(pre)]
+    out = torch.empty_like(q)
+    if pre:
+        prefill_attention_ref(q, k, v, batch, pre, kv.fmt.precision != "bf16", out)
+    if rest:
+        paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch, rows=rest, out=out)
+    return out
 
 
 def fake_quant_q_fp8(q: torch.Tensor) -> torch.Tensor:
@@ -46,6 +55,34 @@ def fake_quant_q_fp8(q: torch.Tensor) -> torch.Tensor:
     again for the torch reference attention."""
     q8, scale = quantize_q_fp8(q)
     return (q8.float() * scale).to(q.dtype)
+
+
+def fake_quant_v_fp8(v: torch.Tensor) -> torch.Tensor:
+    """The FP8 prefill kernel's V: one scale per KV head, absmax over all of `v`'s tokens / 448."""
+    from kernels.attn_prefill import quant_v_fp8_t_ref
+    v8, vs = quant_v_fp8_t_ref(v)
+    return (v8.float() * vs[None, :, None]).to(v.dtype)
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch, rows: list[int],
+                          fp8: bool, out: torch.Tensor) -> torch.Tensor:
+    """Whole-prompt prefills `rows` over their fresh K/V; `fp8`: quantized as the FP8 prefill kernel's
+    inputs are (`_cuda_attention`), V's scale taken over all these rows' tokens as there."""
+    starts = _starts(batch)
+    tok = torch.cat([torch.arange(starts[i], starts[i] + batch.q_lens[i], device=q.device) for i in rows])
+    qp, kp, vp = q[tok], k[tok], v[tok]
+    if fp8:
+        qp, kp, vp = fake_quant_q_fp8(qp), fake_quant_q_fp8(kp), fake_quant_v_fp8(vp)
+    group = q.shape[1] // k.shape[1]
+    t = 0
+    for i in rows:
+        n = batch.q_lens[i]
+        qs = qp[t:t + n].transpose(0, 1)
+        ks = kp[t:t + n].transpose(0, 1).repeat_interleave(group, 0)
+        vs = vp[t:t + n].transpose(0, 1).repeat_interleave(group, 0)
+        out[starts[i]:starts[i] + n] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+        t += n
+    return out
 
 
 def paged_attention_ref(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,

@@ -95,7 +95,8 @@ def cmd_eval_ppl(args) -> int:
                                   if getattr(args, k) is not None})
             partial = Path(args.out).with_suffix(".partial.json") if args.out else None
             res = ep.ablation_ladder(args.model, tuple(args.window), args.max_tokens, args.rungs, base, args.text,
-                                     progress=not args.quiet, partial_out=partial)
+                                     progress=not args.quiet, partial_out=partial,
+                                     prefill_kv=args.prefill_kv or "cache")
         path = write_result(f"accuracy-{args.model}", res, args.out, argv=args.argv)
         print(f"{'rung':>11} {'window':>6} {'ppl':>8} {'vs bf16':>8} {'tokens':>7} {'eval s':>7}")
         for r in res["rows"]:
@@ -109,6 +110,8 @@ def cmd_eval_ppl(args) -> int:
     eng = Engine(EngineConfig(model=args.model, precision=args.precision, dtype=args.dtype, device=args.device,
                               kv_cache_bytes=64 << 20))
     load_s = time.perf_counter() - t0
+    prefill_kv = args.prefill_kv or "fresh"
+    eng.model.set_prefill_kv(prefill_kv)
     ids = ep.text_token_ids(eng.tokenizer, args.text)
     rows = []
     for w in args.window:
@@ -121,7 +124,8 @@ def cmd_eval_ppl(args) -> int:
     from fineserve_core.model_source import read_quantization_config
     qc = read_quantization_config(eng.source.path) if eng.source.path is not None else None
     res = {"model": args.model, "precision": args.precision, "dtype": str(eng.dtype), "text": args.text,
-           "text_tokens": len(ids), "max_tokens": args.max_tokens, "load_seconds": round(load_s, 2),
+           "text_tokens": len(ids), "max_tokens": args.max_tokens, "prefill_kv": prefill_kv,
+           "load_seconds": round(load_s, 2),
            "quantization_config": qc, "results": rows}
     name = f"ppl-{Path(str(args.model)).name}-{args.precision}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = write_result(name, res, args.out, argv=args.argv)
@@ -179,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--rungs", nargs="+", help="ladder rungs to run (default: all)")
     e.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge ladder results of parts run with --rungs (same settings) into one, written to --out")
+    e.add_argument("--prefill-kv", choices=["fresh", "cache"],
+                   help="whole-window prefills attend over the fresh K/V, FP8 for fp8/w4a8kv4 as served (default), "
+                        "or over K/V read back from the KV cache as decodes do (the --ladder default: shows the "
+                        "KV format's error)")
     e.add_argument("--calib-seqs", type=int)
     e.add_argument("--calib-len", type=int)
     e.add_argument("--gptq-damp", type=float, help="GPTQ damping (fraction of the mean Hessian diagonal) for the +gptq rung")

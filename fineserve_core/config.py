@@ -56,3 +56,4 @@ class EngineConfig(Strict):
     seed: int = 0                                    # random weights of shape presets
     scheduler: Literal["fcfs", "saab", "prism"] = "fcfs"   # prism: the Prism baseline's queue
     ttft_per_token: float = Field(0.0, ge=0.0)       # SAAB's TTFT model: seconds of prefill per batched token
+    cuda_graphs: bool = True                         # decode steps replay CUDA graphs (CUDA only)

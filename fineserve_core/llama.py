@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +94,18 @@ class QuantRuntime:
     act_fp8: bool = True     # FP8 per-token activations into every quantized projection
     q_fp8: bool = True       # FP8 per-(token, head) queries before attention (w4a8kv4 only)
     pow2: bool = True        # W4 quantization on load (float checkpoints) searches the per-tensor 2^k
+    # whole-prompt prefills attend over the step's fresh K/V (FP8 for the quantized precisions, FireQ's
+    # prefill) or, "cache", over K/V read back from the KV cache as decodes do (the ladder's KV rungs)
+    prefill_kv: Literal["fresh", "cache"] = "fresh"
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, qkv_proj: nn.Module, o_proj: nn.Module,
-                 q_fp8: bool = False, k_post_scale: torch.Tensor | None = None):
+                 q_fp8: bool = False, k_post_scale: torch.Tensor | None = None, fresh_prefill: bool = True):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj, self.o_proj = qkv_proj, o_proj
-        self.q_fp8 = q_fp8
+        self.q_fp8, self.fresh_prefill = q_fp8, fresh_prefill
         # FireQ post-RoPE scaling S (online, after RoPE): k[:, h, c] *= S[h, c]; q[:, h', c] /= S[h, c]
         # for every query head h' of KV head h's group. 1.0 outside the top-k channels. One multiply
         # over the rotated q|k heads: qk_post_scale = [1/S per query head; S per KV head].
@@ -123,7 +127,8 @@ class Attention(nn.Module):
         q, k = qk[:, :self.nh], qk[:, self.nh:]
         v = qkv[..., nqk:].view(-1, self.nkv, self.hd)
         kv.write(self.layer, batch.slot_mapping, k, v)
-        o = paged_attention(q, kv, self.layer, batch, k, v, q_fp8=self.q_fp8)
+        fresh = (k, v) if self.fresh_prefill else (None, None)
+        o = paged_attention(q, kv, self.layer, batch, *fresh, q_fp8=self.q_fp8)
         return self.o_proj(o.reshape(-1, self.nh * self.hd))
 
 
@@ -293,7 +298,8 @@ class LlamaModel(nn.Module):
 
     def _attention(self, i, qkv, o, k_post_scale=None) -> Attention:
         q_fp8 = self.precision == "w4a8kv4" and self.quant.q_fp8
-        return Attention(self.cfg, i, qkv, o, q_fp8=q_fp8, k_post_scale=k_post_scale)
+        return Attention(self.cfg, i, qkv, o, q_fp8=q_fp8, k_post_scale=k_post_scale,
+                         fresh_prefill=self.quant.prefill_kv == "fresh")
 
     def _float_layer(self, i: int, w: dict) -> DecoderLayer:
         p, dt, cfg = self.precision, self.dtype, self.cfg
@@ -342,6 +348,13 @@ class LlamaModel(nn.Module):
         attn = self._attention(i, lin["self_attn.qkv_proj"], lin["self_attn.o_proj"], w.get(K_POST_SCALE))
         mlp = MLP(lin["mlp.gate_up_proj"], lin["mlp.down_proj"], cfg.intermediate_size)
         return DecoderLayer(cfg, i, w["input_layernorm.weight"], w["post_attention_layernorm.weight"], attn, mlp)
+
+    def set_prefill_kv(self, mode: Literal["fresh", "cache"]) -> None:
+        """`QuantRuntime.prefill_kv` on a built runner (`fineserve eval-ppl --prefill-kv`)."""
+        from dataclasses import replace
+        self.quant = replace(self.quant, prefill_kv=mode)
+        for layer in self.layers:
+            layer.self_attn.fresh_prefill = mode == "fresh"
 
     def set_fused(self, on: bool) -> None:
         """Fused RMSNorm(+residual)+FP8 quant and SiLU·mul+FP8 quant kernels feeding the quantized GEMMs

@@ -56,7 +56,8 @@ def bench_precision(model: str, precision: str, args) -> dict:
     t0 = time.perf_counter()
     eng = Engine(EngineConfig(model=model, precision=precision, device="cuda",
                               max_num_seqs=max(args.decode_batch), max_num_batched_tokens=args.prefill_batch * args.ctx,
-                              kv_cache_bytes=args.kv_gib << 30, max_model_len=args.ctx + args.decode_steps + 64))
+                              kv_cache_bytes=args.kv_gib << 30, max_model_len=args.ctx + args.decode_steps + 64,
+                              cuda_graphs=not args.no_cuda_graphs))
     torch.cuda.synchronize()
     res = {"precision": precision, "load_s": round(time.perf_counter() - t0, 1),
            "weights_gib": round(torch.cuda.memory_allocated() / 2**30 - args.kv_gib, 2)}
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv-gib", type=int, default=12)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the engine replays graphs)")
     p.add_argument("--no-logits-check", action="store_true")
     p.add_argument("--logits-only", action="store_true", help="only the GPU-vs-CPU logits check")
     p.add_argument("--profile", default="", help="decode batch sizes to profile (torch.profiler), e.g. 16")

@@ -244,12 +244,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def combine(payloads: Sequence[dict]) -> dict:
     """Side-by-side table of several sweeps of the same config and rates, and FineServe vs static at the
-    rate where static's attainment is nearest 50% (FineServe's headline comparison)."""
+    rate where static's attainment is nearest 50% (FineServe's headline comparison). A policy may come in
+    several sweeps (e.g. a rate that did not fit one device call, run in the next); `runs` keeps each."""
     runs = sorted(payloads, key=lambda p: POLICY_ORDER.index(p["policy"]) if p["policy"] in POLICY_ORDER else 9)
     table = [{"policy": p["policy"], **{k: r[k] for k in ROW_KEYS}, **{f"kv_{k}": r["kv"].get(k) for k in KV_KEYS}}
              for p in runs for r in p["rates"]]
-    out = {"config": runs[0]["config"], "policies": [p["policy"] for p in runs], "table": table,
-           "runs": {p["policy"]: {k: v for k, v in p.items() if k not in ("requests", "kv_samples")} for p in runs}}
+    seen = [(t["policy"], t["rate"]) for t in table]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"a policy has the same rate in two sweeps: {sorted({x for x in seen if seen.count(x) > 1})}")
+    by_policy: dict[str, list[dict]] = {}
+    for p in runs:
+        by_policy.setdefault(p["policy"], []).append({k: v for k, v in p.items() if k not in ("requests", "kv_samples")})
+    out = {"config": runs[0]["config"], "policies": list(by_policy), "table": table, "runs": by_policy}
     static = [t for t in table if t["policy"] == "static" and t["slo_attainment"] is not None]
     if static and "fineserve" in out["policies"]:
         ref = min(static, key=lambda t: abs(t["slo_attainment"] - 0.5))

@@ -69,6 +69,22 @@ def reference(dev_args):
         e.close()
 
 
+@pytest.fixture
+def replica_threads(server):
+    """The reference engines compute with as many torch threads as a replica (num_cpus=0: one): CPU
+    reductions round differently with another count, and a quantized model's greedy text can follow."""
+    import torch
+
+    def threads() -> int:             # a local function: shipped by value (tests/ is not importable there)
+        import torch
+        return torch.get_num_threads()
+    n = ray.get(ray.remote(num_cpus=0)(threads).remote())
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield n
+    torch.set_num_threads(before)
+
+
 def worker(tier: str):
     name = "worker-" + tier.replace(":", "-").replace(".", "_")
     return serve.get_deployment_handle(name, "fineserve")
@@ -77,7 +93,7 @@ def worker(tier: str):
 PROMPT = "The three primary colors are"
 
 
-def test_completions_and_chat_match_the_in_process_engine(client, tiers, reference):
+def test_completions_and_chat_match_the_in_process_engine(client, tiers, reference, replica_threads):
     for tier in tiers:
         eng = reference[tier]
         want = eng.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0))[0]
@@ -190,3 +206,22 @@ def test_requests_that_cannot_meet_their_ttft_slo_get_429(server):
         assert r.headers["retry-after"] == "1" and "TTFT SLO" in r.json()["error"]["message"]
     finally:
         serve.delete("strict")
+
+
+def test_every_listener_of_the_cluster_is_on_loopback(server, client, tiers):
+    """Proxy, replicas (their inter-deployment gRPC servers included), GCS, raylet, metrics: nothing of
+    this cluster listens beyond 127.0.0.1."""
+    import ipaddress
+
+    import psutil
+    client.completions.create(model=tiers[0], prompt=PROMPT, max_tokens=2)     # every hop has been used
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    names = {pid: psutil.Process(pid).name() for pid, _ in listening}
+    assert any("ServeRepli" in n for n in names.values()), names            # replicas' servers are seen
+    def loopback(ip: str) -> bool:
+        a = ipaddress.ip_address(ip)
+        return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+    wide = [(names[pid], addr) for pid, addr in listening if not loopback(addr.ip)]
+    assert not wide, wide

@@ -124,7 +124,9 @@ def test_post_rope_scales_pick_topk_and_partners(gen):
 def _attention(cfg, w, k_post_scale, kv_precision, x, dtype=torch.float64):
     qkv = DenseLinear(torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
                                  w["self_attn.v_proj.weight"]]), dtype)
-    attn = Attention(cfg, 0, qkv, DenseLinear(w["self_attn.o_proj.weight"], dtype), k_post_scale=k_post_scale)
+    # attention over the K/V read back from the cache (as decodes read it): the KV format's error shows
+    attn = Attention(cfg, 0, qkv, DenseLinear(w["self_attn.o_proj.weight"], dtype), k_post_scale=k_post_scale,
+                     fresh_prefill=False)
     fmt = KVFormat.for_model(kv_precision, cfg.num_kv_heads, cfg.head_dim, dtype, tokens_per_block=16)
     n = x.shape[0]
     nb = -(-n // 16)
@@ -222,7 +224,7 @@ def test_ablation_ladder_rungs_add_one_technique_each():
 def test_merge_ladders_orders_rows_and_refuses_mismatched_parts():
     import math
     from fineserve_core.eval_ppl import merge_ladders
-    common = {"model": "m", "text": "t", "eval_text": "e", "max_tokens": 2048, "fireq": {"alpha": 8.0},
+    common = {"model": "m", "text": "t", "eval_text": "e", "max_tokens": 2048, "prefill_kv": "cache", "fireq": {"alpha": 8.0},
               "calibration": {"tokens": 8192}, "note": "n"}
 
     def row(rung, window, nll):

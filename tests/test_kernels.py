@@ -355,6 +355,29 @@ def test_prefill_attention(gen, fp8):
     assert math.isfinite(relerr(out, ref))
 
 
+def test_engine_prefill_reference_attends_over_the_fp8_kernel_inputs(gen):
+    """The engine's torch reference for whole-prompt prefills (fineserve_core.attention, what the CPU runs)
+    computes exact attention over the very FP8 Q/K/V the CUDA path hands the prefill kernel (kernel vs
+    that exact attention: `test_prefill_attention`), so CPU and GPU engines compute one function."""
+    from fineserve_core.attention import AttnBatch, prefill_attention_ref
+    HQ, HKV, D = 4, 2, 64
+    lens = [45, 5, 33]
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+    q, k, v = (rnd(gen, T, h, D, scale=3.0, dtype=torch.float32) for h in (HQ, HKV, HKV))
+    batch = AttnBatch(lens, lens, [[0]] * len(lens), torch.arange(T, device=DEV))
+    got = prefill_attention_ref(q.cpu(), k.cpu(), v.cpu(), batch, [0, 1, 2], True, torch.empty(T, HQ, D))
+    q8, qs = pa.quant_qk_fp8(q)
+    k8, ks = pa.quant_qk_fp8(k)
+    starts, t_pad = pa.v_layout(lens)
+    vstore, vs = pa.quant_v_fp8_t(v, cu, torch.tensor(starts, dtype=torch.int32, device=DEV), t_pad, max(lens))
+    v8 = pa.v_from_store(vstore, cu.tolist(), starts)
+    exact = pa.prefill_attention_ref(q8, k8, v8, cu, q_scale=qs, k_scale=ks, v_scale=vs, out_dtype=torch.float64)
+    assert relerr(got, exact) < TOL[torch.float32], f"seed {gen.initial_seed()}"
+    plain = pa.prefill_attention_ref(q, k, v, cu, out_dtype=torch.float64)      # unquantized: clearly farther
+    assert relerr(got, plain) > 100 * relerr(got, exact), f"seed {gen.initial_seed()}"
+
+
 # ---------------------------------------------------------------------------------------------------- FFN block
 
 @pytest.mark.parametrize("path", ["triton", "two_step"])
@@ -388,3 +411,36 @@ def test_engine_logits_gpu_vs_cpu(precision):
     # with 2 rows a step it flips under any rounding change — run 5: w4a8kv4 agreed on 4 of 8 rows)
     for r in rows:
         assert r["relerr"] < ENGINE_LOGITS_FACTOR * r["floor"] + 2e-3, (precision, r)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs exist on CUDA only")
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "w4a8kv4"])
+def test_decode_graph_replay_equals_the_eager_forward(precision):
+    """A decode step replayed from the engine's CUDA graph computes what the same forward computes eagerly
+    (same batch size and block-table width, so the same kernels and splits: bit-identical)."""
+    from fineserve_core.attention import AttnBatch
+    from fineserve_core.config import EngineConfig
+    from fineserve_core.engine import Engine
+    from fineserve_core.sampling import SamplingParams
+    eng = Engine(EngineConfig(model="llama-2-7b-shape", precision=precision, device="cuda", max_num_seqs=8,
+                              max_model_len=512, kv_cache_bytes=1536 << 20))    # a shape without a tokenizer
+    g = eng.graphs
+    assert g is not None and sorted(g.graphs) == g.buckets
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    seqs = [eng.add_request(f"r{i}", list(range(100 + i, 100 + i + n)), sp) for i, n in enumerate((5, 40, 130, 77))]
+    while any(not s.output_ids for s in seqs):
+        eng.step()
+    T = eng.fmt.tokens_per_block
+    ids = [s.token_ids[s.num_computed] for s in seqs]
+    pos = [s.num_computed for s in seqs]                      # none at a block boundary: its block exists
+    slots = [s.block_ids[p // T] * T + p % T for s, p in zip(seqs, pos)]
+    lens = [p + 1 for p in pos]
+    replayed = g.run(ids, pos, slots, [s.block_ids for s in seqs], lens).clone()
+    tables = [s.block_ids + [g.pad_block] * (g.max_blocks - len(s.block_ids)) for s in seqs]
+    batch = AttnBatch([1] * len(seqs), lens, tables, torch.tensor(slots, device="cuda"))
+    eager = eng.model(torch.tensor(ids, device="cuda"), torch.tensor(pos, device="cuda"), batch, eng.kv)
+    assert torch.equal(replayed, eager), relerr(replayed, eager)
+    while eng.has_unfinished():                               # and the engine's own decode steps replay them
+        eng.step()
+    assert all(len(s.output_ids) == 8 for s in seqs)
+    eng.close()
