@@ -104,6 +104,9 @@ class AppConfig(Strict):
     #   static     StaticPartitionAllocator, regions ∝ rate x KV bytes/token (MuxServe/vLLM-like) + FCFS
     #   prism      one shared pool of precision-unaware 2 MiB pages (padded slabs) + Prism's queue
     policy: Literal["fineserve", "static", "prism"] = "fineserve"
+    # the KV Slab variant under policy fineserve: "faithful" is FineServe's (slabs of 2 x lcm of the block
+    # sizes); the others are the measured alternatives of `fineserve_core.kv_slab.SLAB_POLICIES`
+    slab_policy: str = "faithful"
     ingress: IngressOptions = IngressOptions()
     # a request naming the logical model goes to its best tier; "overflow": when that tier's replica
     # predicts a TTFT SLO miss (SAAB's linear model), the next tier serves it instead of the queue
@@ -114,6 +117,14 @@ class AppConfig(Strict):
     # where the app is built and only their SHA-256 digests reach the ingress; they are never logged.
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     api_keys_file: str | None = None
+
+    @field_validator("slab_policy")
+    @classmethod
+    def _known_slab_policy(cls, v: str) -> str:
+        from fineserve_core.kv_slab import SLAB_POLICIES
+        if v not in SLAB_POLICIES:
+            raise ValueError(f"unknown slab_policy {v!r}; known: {sorted(SLAB_POLICIES)}")
+        return v
 
     @model_validator(mode="after")
     def _check(self):

@@ -117,7 +117,7 @@ class Controller:
             kv = self._kv_bytes(cfg, cfg.on_gpu(gpu), cuda, gpu)
             self.managers[gpu] = GpuSlabManagerActor.options(
                 name=slab_manager_name(gpu), namespace=cfg.namespace, lifetime="detached",
-            ).remote(gpu, specs, kv, f"cuda:{gpu}" if cuda else "cpu", cfg.policy)
+            ).remote(gpu, specs, kv, f"cuda:{gpu}" if cuda else "cpu", cfg.policy, cfg.slab_policy)
             self._decide({"gpu": gpu, "models": [m.tier for m in cfg.on_gpu(gpu)], "kv_bytes": kv,
                           "reason": "placement from config"})
         ray.get([h.stats.remote() for h in self.managers.values()])   # wait until every buffer exists

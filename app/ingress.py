@@ -119,6 +119,11 @@ class ChatRequest(_Req):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
 
 
+class MoveRequest(_Strict):
+    model: str = Field(description="the tier to move, `name:precision`")
+    gpu: int = Field(ge=0, description="the GPU to move it to")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -132,6 +137,7 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in (
     (400, "invalid request"), (401, "missing or invalid API key"), (404, "unknown model"),
+    (409, "the operation cannot be done now (the message says why)"),
     (413, "request body too large"), (429, "overloaded: retry after Retry-After seconds"),
     (503, "the model has no live replica: retry after Retry-After seconds"))}
 
@@ -326,6 +332,23 @@ class Ingress:
         except (ValueError, RayActorError) as e:
             return self._server_error("controller", f"unreachable ({type(e).__name__})")
         return {**plan, "ingress": {"answered": self.answered, "overflowed": self.overflowed, **self.counters}}
+
+    @api.post("/v1/fineserve/placement/move", status_code=202, responses={s: ERRORS[s] for s in (401, 404, 409)})
+    async def move(self, body: MoveRequest):
+        """Move a tier to another GPU while it serves (the controller's `move`: the new replica first, then
+        the old one drains and its slabs are freed). 202 once accepted; the steps appear in the placement's
+        decisions. 409 when the move cannot happen now (the reason says why)."""
+        from app.controller import CONTROLLER_NAME
+        if body.model not in self.workers:
+            return self._unknown(body.model)
+        try:
+            ctl = ray.get_actor(CONTROLLER_NAME, namespace=self.cfg.namespace)
+            r = await ctl.move.remote(body.model, body.gpu, "operator request (HTTP)")
+        except (ValueError, RayActorError) as e:
+            return self._server_error("controller", f"unreachable ({type(e).__name__})")
+        if not r["accepted"]:
+            return error(409, f"{body.model} not moved: {r['reason']}", code="move_refused")
+        return {"accepted": True, "model": body.model, "gpu": body.gpu, "reason": r["reason"]}
 
     @api.get("/v1/models", responses={401: ERRORS[401]})
     async def models(self) -> dict:

@@ -23,12 +23,12 @@ REAP_PERIOD_S = 2.0      # how often the manager looks for dead replicas still h
 PRISM_PAGE_BYTES = 2 << 20   # Prism's elastic KV: one shared pool of 2 MiB pages whatever the precision
 
 
-def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec]):
+def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec], slab_policy: str = "faithful"):
     """The GPU's KV allocator under an app `policy` (AppConfig.policy): the baselines differ only here
-    and in the local queue policy."""
+    and in the local queue policy. `slab_policy`: the KV Slab variant of policy fineserve."""
     if policy == "fineserve":
         try:
-            return KVSlabManager(buf, specs)                   # slabs of 2 x lcm(block sizes), FineServe's
+            return KVSlabManager(buf, specs, policy=slab_policy)    # faithful: slabs of 2 x lcm(block sizes)
         except ValueError as e:
             # 2 x lcm of several formats' block sizes can be tens of MB per layer: too coarse for a small
             # buffer. Then FineServe's sizing with padding at slab edges (as the simulator falls back)
@@ -45,7 +45,8 @@ def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec]):
 class GpuSlabManager:
     """Run as a threaded actor (max_concurrency > 1): `begin_load` waits while another model loads."""
 
-    def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "fineserve"):
+    def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "fineserve",
+                 slab_policy: str = "faithful"):
         self.gpu, self.device = gpu, torch.device(device)
         self._path = None
         self._loading: tuple[str, float] | None = None
@@ -63,7 +64,7 @@ class GpuSlabManager:
             self._fd = fd
             self._path = f"/proc/{os.getpid()}/fd/{fd}"
         self.policy = policy
-        self.alloc_impl = make_allocator(policy, buf, specs)
+        self.alloc_impl = make_allocator(policy, buf, specs, slab_policy)
         self.buffer = buf
         self._metrics = _SlabMetrics(gpu)
         # which replica holds which blocks, so a dead replica's blocks can go back to the pool

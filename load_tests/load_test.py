@@ -73,6 +73,8 @@ class App:
         app_args = dict(spec.get("args") or {})
         if args.policy:
             app_args["policy"] = args.policy
+        if args.slab_policy:
+            app_args["slab_policy"] = args.slab_policy
         if args.kv_cache_gib:
             app_args["kv_cache_bytes"] = int(args.kv_cache_gib * (1 << 30))
         spec["args"] = app_args
@@ -276,8 +278,8 @@ def run(args) -> Path:
         kv_all = poller.stop()
     finally:
         app.stop()
-    payload = {"config": Path(args.config).stem, "policy": app.cfg.policy, "url": app.url,
-               "launched": app.local, "startup_s": getattr(app, "startup_s", None),
+    payload = {"config": Path(args.config).stem, "policy": app.cfg.policy, "slab_policy": app.cfg.slab_policy,
+               "url": app.url, "launched": app.local, "startup_s": getattr(app, "startup_s", None),
                "mps_pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),      # set: the app ran under MPS
                "models": [{"tier": m.tier, "source": m.source or m.name, "precision": m.precision,
                            "rate": m.rate, "scheduler": app.cfg.scheduler_of(m)} for m in app.cfg.models],
@@ -308,6 +310,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rate-scale", type=_floats, help="multipliers of each tier's config `rate`, comma-separated")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
     p.add_argument("--policy", choices=["fineserve", "static", "prism"], help="override the config's `policy`")
+    p.add_argument("--slab-policy", help="override the config's `slab_policy` (KV Slab variant of policy fineserve)")
     p.add_argument("--url", help="drive an app already running here (loopback) instead of starting one")
     p.add_argument("--port", type=int, help="HTTP port of the app this run starts (default: a free one)")
     p.add_argument("--alpha", type=float, help="power-law popularity over the tiers (rate_i ∝ (i+1)^-alpha)")

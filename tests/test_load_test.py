@@ -105,6 +105,9 @@ def test_fineserve_slabs_fall_back_to_padded_when_too_coarse():
     specs = [model_kv_spec(cfg, m, True) for m in cfg.models]
     meta = lambda gib: torch.empty(gib << 30, dtype=torch.uint8, device="meta")   # noqa: E731
     assert make_allocator("fineserve", meta(29), specs).policy.name == "faithful"
+    assert make_allocator("fineserve", meta(29), specs, "padded_wholeslab").policy.name == "padded_wholeslab"
+    with pytest.raises(ValueError, match="unknown slab_policy 'nope'"):
+        AppConfig(**{**raw["applications"][0]["args"], "slab_policy": "nope"})
     with pytest.raises(ValueError, match="too small"):
         KVSlabManager(meta(16), specs)
     a = make_allocator("fineserve", meta(16), specs)

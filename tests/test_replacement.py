@@ -109,9 +109,13 @@ def test_move_under_steady_load_loses_no_request(base):
     wait_for(lambda: ray.get(ctl.placement.remote())["load"][BF16]["replicas_reporting"] == 1, 30,
              "the bf16 replica to report its load")
     t_move = time.time()
-    assert ray.get(ctl.move.remote(BF16, 1))["accepted"]
-    again = ray.get(ctl.move.remote(BF16, 1))
-    assert not again["accepted"] and "moving already" in again["reason"]
+    move = lambda body: httpx.post(base + "/v1/fineserve/placement/move", json=body, timeout=30)
+    r = move({"model": BF16, "gpu": 1})                       # an operator's HTTP call
+    assert r.status_code == 202 and r.json()["accepted"], r.text
+    again = move({"model": BF16, "gpu": 1})
+    assert again.status_code == 409 and "moving already" in again.json()["error"]["message"], again.text
+    assert move({"model": "nope:bf16", "gpu": 1}).status_code == 404
+    assert move({"model": BF16, "gpu": "1"}).status_code == 400                      # strict types
     steps = lambda: [d for d in ray.get(ctl.decisions.remote()) if d.get("tier") == BF16 and d["step"] != "refused"]
     wait_for(lambda: steps() and steps()[-1]["step"] in ("slabs freed", "failed"), 120, "the move to finish",
              lambda: steps())
