@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -164,20 +165,22 @@ def gemm_candidates(M: int, epi: int):
     from kernels.gemm_w4a8 import GemmConfig as C
     if M <= 64:
         bm = 16 if M <= 16 else 64
+        # FP16 MMA on q·s (scale folded): no per-group rescale of the accumulator; GPI groups per iteration
+        fold = [C(BM=b, BN=bn, SPLIT_K=sk, SWAP_AB=True, asm=True, f16=True, GPI=gpi)
+                for b in ({bm, 32} if 16 < M <= 32 else {bm}) for bn in (64, 128) for sk in (2, 4, 8) for gpi in (1, 2, 4)]
         if epi == 2:
             out = [C(BM=bm, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True) for sk in (2, 4, 8)]
             out += [C(BM=bm, BN=32, SPLIT_K=sk, SWAP_AB=True, asm=True) for sk in (4, 8)]
-            out += [C(BM=bm, BN=64, SPLIT_K=sk, asm=True) for sk in (2, 4)]
-            return out
+            return out + [c for c in fold if c.BN == 64]
         if bm == 16:
             out = [C(BM=16, BN=bn, SPLIT_K=sk, SWAP_AB=True, asm=True) for bn in (32, 64, 128) for sk in (4, 8, 16)]
-            out += [C(BM=16, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, num_stages=6) for sk in (4, 8)]
-            out += [C(BM=16, BN=64, SPLIT_K=sk, asm=True) for sk in (4, 8)]
-            out += [C(BM=16, BN=64, SPLIT_K=sk, f16=True) for sk in (4, 8)]
-            return out
+            out += [C(BM=16, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, GPI=2) for sk in (4, 8)]
+            return out + fold
         out = [C(BM=64, BN=bn, SPLIT_K=sk, SWAP_AB=True, asm=True) for bn in (64, 128) for sk in (2, 4, 8)]
-        out += [C(BM=64, BN=64, SPLIT_K=sk) for sk in (2, 4)]
-        return out
+        out += [C(BM=64, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, num_stages=3, GPI=gpi) for sk in (2, 4)
+                for gpi in (1, 2)]
+        out += [C(BM=32, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True) for sk in (4, 8)]
+        return out + fold + [replace(c, num_stages=3) for c in fold if c.GPI == 1]
     return [C("two_step"), C(BM=128, BN=128, SWAP_AB=True, num_warps=8, num_stages=3, asm=True)]
 
 
@@ -373,7 +376,8 @@ def parse_cfg(key: str):
         return GemmConfig("two_step")
     p = key.split("_")
     return GemmConfig("triton", BM=int(p[1][2:]), BN=int(p[2][2:]), SPLIT_K=int(p[3][2:]), SWAP_AB=p[4] == "swap",
-                      num_warps=int(p[5][1:]), num_stages=int(p[6][1:]), asm="asm" in p[7:], f16="f16" in p[7:])
+                      num_warps=int(p[5][1:]), num_stages=int(p[6][1:]), asm="asm" in p[7:], f16="f16" in p[7:],
+                      GPI=next((int(t[3:]) for t in p[7:] if t.startswith("gpi")), 1))
 
 
 def sec_attn_prefill(res, args):

@@ -82,14 +82,15 @@ def main() -> int:
     C = wg.GemmConfig
     cfgs = {c.key(): c for c in [C(BM=16, BN=32), C(BM=16, BN=32, SPLIT_K=3), C(BM=16, BN=32, SWAP_AB=True),
                                  C(BM=32, BN=16, SWAP_AB=True, SPLIT_K=2), C(BM=16, BN=64, SPLIT_K=2, asm=True),
-                                 C(BM=16, BN=64, SWAP_AB=True, asm=True)]}
-    for M in (1, 16, 64, 4096):
+                                 C(BM=16, BN=64, SWAP_AB=True, asm=True), C(BM=16, BN=32, SPLIT_K=2, f16=True),
+                                 C(BM=16, BN=32, f16=True, GPI=2), C(BM=16, BN=64, SWAP_AB=True, asm=True, f16=True, GPI=2)]}
+    for M in (1, 16, 32, 64, 4096):
         for epi in (0, 2):
             for c in gemm_candidates(M, epi):
                 if c.path != "two_step":
                     cfgs[c.key() + f"/epi{epi}"] = (c, epi)
     from kernels.tuned import GATE_UP_TABLE, GEMM_TABLE
-    for _, c in GEMM_TABLE:
+    for _, c, *_ in GEMM_TABLE:
         cfgs[c.key() + "/table"] = (c, 0)
     for _, c in GATE_UP_TABLE:
         cfgs[c.key() + "/table2"] = (c, 2)

@@ -22,7 +22,10 @@ Paths
   +residual, or SiLU(gate)·up (gate rows [0, I), up rows [I, 2I) of one fused weight, one launch).
   Split-K for small M: partials in an FP32 workspace, the last CTA of a tile (atomic ticket) sums
   them in a fixed order and runs the epilogue (one launch, deterministic). SWAP_AB computes outᵀ =
-  W·xᵀ so the weight is the MMA's M side (FireQ's trick for small M).
+  W·xᵀ so the weight is the MMA's M side (FireQ's trick for small M). GPI groups of K per loop
+  iteration. `f16`: INT4 → FP16 × the group scale (q·s is exact in FP16), FP16 MMA accumulating all
+  of K in FP32 — no per-group rescale; measured slower on the H100 (kernels/NOTES.md), kept as a
+  swept candidate.
 * ``two_step``: unpack INT4 → FP8 (q·s rounded to e4m3: `w4a8_linear_ref(..., fp8_weights=True)`,
   FireQ's LUT numerics) once per GEMM into a [N, K] FP8 buffer, then cuBLAS FP8
   (`torch._scaled_mm`, row-wise scales x_scale ⊗ 1/pow2). Memory bound unpack + compute bound GEMM:
@@ -43,7 +46,7 @@ from fineserve_core.quant.formats import (
     FP8Weight, W4Weight, fp8_linear_ref, w4a8_linear_ref,
 )
 from kernels._common import (
-    INTERPRET, cdiv, empty, int4_to_fp8, jit, mma, nib_hi, nib_hi_f16, nib_lo, nib_lo_f16, to_fp8, to_out,
+    INTERPRET, cdiv, empty, int4_to_f16, int4_to_fp8, jit, mma, nib_hi, nib_lo, to_fp8, to_out,
 )
 
 __all__ = [
@@ -63,14 +66,16 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     asm: bool = False             # INT4→FP8 by inline PTX (GPU only; the interpreter runs the pure twin)
-    f16: bool = False             # FP16 MMA operands (INT4→FP16 magic number, x8→FP16): what Triton lowers an
-                                  # FP8 dot to anyway when the tile is too small for wgmma (mma.sync m16n8k16)
+    f16: bool = False             # FP16 MMA on q·s (INT4→FP16, group scale folded in: exact) and x8→FP16, FP32
+                                  # accumulation over all of K: no per-group rescale of the accumulator
+    GPI: int = 1                  # groups of K per loop iteration
 
     def key(self) -> str:
         if self.path == "two_step":
             return "two_step"
         return (f"tri_bm{self.BM}_bn{self.BN}_sk{self.SPLIT_K}_{'swap' if self.SWAP_AB else 'noswap'}"
-                f"_w{self.num_warps}_s{self.num_stages}" + ("_asm" if self.asm else "") + ("_f16" if self.f16 else ""))
+                f"_w{self.num_warps}_s{self.num_stages}" + ("_asm" if self.asm else "") + ("_f16" if self.f16 else "")
+                + (f"_gpi{self.GPI}" if self.GPI > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,30 +111,41 @@ def scales_t(w: W4Weight) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 @jit
-def _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N,
+def _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, ok,
                G: tl.constexpr, SWAP_AB: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
+    """acc += group g's products. `ok` False (a padded iteration past the split's last group) loads zeros."""
     H: tl.constexpr = G // 2
-    xa = tl.load(x_ptrs + g * G, mask=mask_m[:, None], other=0.0)
-    xb = tl.load(x_ptrs + g * G + H, mask=mask_m[:, None], other=0.0)
-    wb = tl.load(w_ptrs + g * H, mask=mask_n[:, None], other=0)
-    s = tl.load(st_ptr + g * N + rn, mask=mask_n, other=0.0).to(tl.float32)
+    xa = tl.load(x_ptrs + g * G, mask=mask_m[:, None] & ok, other=0.0)
+    xb = tl.load(x_ptrs + g * G + H, mask=mask_m[:, None] & ok, other=0.0)
+    wb = tl.load(w_ptrs + g * H, mask=mask_n[:, None] & ok, other=0)
     if F16:
-        wl = nib_lo_f16(wb)
-        wh = nib_hi_f16(wb)
+        # q·s is exact in FP16 (≤ 7 significant bits, 2^-9 ≤ |q·s| ≤ 3584): the group scale goes into the
+        # weights and the tensor core accumulates whole K in FP32 — no per-group FP32 rescale of acc.
+        s = tl.load(st_ptr + g * N + rn, mask=mask_n & ok, other=0.0).to(tl.float16)
+        wl, wh = int4_to_f16(wb, ASM)
+        wl = wl * s[:, None]
+        wh = wh * s[:, None]
         xa = xa.to(tl.float16)
         xb = xb.to(tl.float16)
+        if SWAP_AB:
+            acc = mma(wl, tl.trans(xa), acc)
+            acc = mma(wh, tl.trans(xb), acc)
+        else:
+            acc = mma(xa, tl.trans(wl), acc)
+            acc = mma(xb, tl.trans(wh), acc)
     else:
+        s = tl.load(st_ptr + g * N + rn, mask=mask_n & ok, other=0.0).to(tl.float32)
         wl, wh = int4_to_fp8(wb, ASM)
-    # FP8 products: full-FP32 accumulation after every wgmma k-step (Triton's sm_90 default lets the
-    # tensor core's reduced-precision accumulator run over the whole K: ≈4e-3 relative error seen)
-    if SWAP_AB:
-        part = mma(wl, tl.trans(xa), None, 32)
-        part = mma(wh, tl.trans(xb), part, 32)
-        acc += part * s[:, None]
-    else:
-        part = mma(xa, tl.trans(wl), None, 32)
-        part = mma(xb, tl.trans(wh), part, 32)
-        acc += part * s[None, :]
+        # FP8 products: full-FP32 accumulation after every wgmma k-step (Triton's sm_90 default lets the
+        # tensor core's reduced-precision accumulator run over the whole K: ≈4e-3 relative error seen)
+        if SWAP_AB:
+            part = mma(wl, tl.trans(xa), None, 32)
+            part = mma(wh, tl.trans(xb), part, 32)
+            acc += part * s[:, None]
+        else:
+            part = mma(xa, tl.trans(wl), None, 32)
+            part = mma(xb, tl.trans(wh), part, 32)
+            acc += part * s[None, :]
     return acc
 
 
@@ -161,7 +177,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, st_ptr, out_ptr, res_ptr, ws_ptr, cnt_ptr
                  M, N, K, N_OUT, stride_xm, stride_om, stride_rm, inv_p,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
                  SWAP_AB: tl.constexpr, EPI: tl.constexpr, GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr,
-                 ASM: tl.constexpr, F16: tl.constexpr):
+                 ASM: tl.constexpr, F16: tl.constexpr, GPI: tl.constexpr):
     """out[M, N_OUT] = epilogue(x8 · (q·s)ᵀ).  EPI 0: ×x_scale/pow2; 1: +residual; 2: SiLU(gate)·up, where
     the weight has N = 2·N_OUT rows (gate rows first). x8 is in dK order (module doc)."""
     H: tl.constexpr = G // 2
@@ -192,11 +208,13 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, st_ptr, out_ptr, res_ptr, ws_ptr, cnt_ptr
     else:
         acc = tl.zeros((BM, BN), tl.float32)
     acc2 = acc
-    for g in range(g0, g1):
-        acc = _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, G, SWAP_AB, ASM, F16)
-        if EPI == 2:
-            acc2 = _group_dot(acc2, x_ptrs, w_ptrs + N_OUT * (K // 2), st_ptr + N_OUT, g, rn, mask_m, mask_n, N,
-                              G, SWAP_AB, ASM, F16)
+    for gb in range(g0, g1, GPI):          # GPI groups per iteration: more weight bytes in flight per stage
+        for j in tl.static_range(GPI):
+            g = gb + j
+            acc = _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, g < g1, G, SWAP_AB, ASM, F16)
+            if EPI == 2:
+                acc2 = _group_dot(acc2, x_ptrs, w_ptrs + N_OUT * (K // 2), st_ptr + N_OUT, g, rn, mask_m, mask_n,
+                                  N, g < g1, G, SWAP_AB, ASM, F16)
 
     if SPLIT_K == 1:
         _w4a8_epilogue(acc, acc2, rm, rn, mask_m, mask_n, xs_ptr, out_ptr, res_ptr, stride_om, stride_rm, inv_p,
@@ -289,7 +307,7 @@ def _launch_triton(x8, xs, w: W4Weight, out, epi: int, residual, cfg: GemmConfig
                        M, N, K, n_out, x8.stride(0), out.stride(0), res.stride(0), 1.0 / w.pow2,
                        G=w.group_size, BM=cfg.BM, BN=BN, SPLIT_K=split, SWAP_AB=cfg.SWAP_AB, EPI=epi,
                        GROUP_M=cfg.GROUP_M, OUT_BF16=out.dtype == torch.bfloat16, ASM=cfg.asm and not INTERPRET,
-                       F16=cfg.f16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       F16=cfg.f16, GPI=cfg.GPI, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -6,16 +6,26 @@ same tables apply; tests pass small explicit configs instead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kernels.gemm_w4a8 import GemmConfig
 
-# W4A8 GEMM: (max M, config) for plain / +residual epilogues, first match wins. Run 3 (2026-11-24,
+# W4A8 GEMM for plain / +residual epilogues, by M (first row whose max M fits). Run 3 (2026-11-24,
 # `bench-kernels --sweep --select`, gemm_selected): swapped tiles (weights as wgmma's 64-row side) with the
-# inline-PTX unpack win at every M <= 64; two-step (unpack + cuBLAS FP8) from M = 256 on.
-GEMM_TABLE: list[tuple[int, GemmConfig]] = [
-    (1, GemmConfig("triton", BM=16, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=4, asm=True)),
-    (16, GemmConfig("triton", BM=16, BN=64, SPLIT_K=8, SWAP_AB=True, num_warps=4, num_stages=4, asm=True)),
-    (64, GemmConfig("triton", BM=64, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=4, asm=True)),
-    (1 << 62, GemmConfig("two_step")),
+# inline-PTX unpack win at every M <= 64; two-step (unpack + cuBLAS FP8) from M = 256 on. Session 3's
+# sweep at M = 32 and 64 (kernels-h100-gemm-sweep-m32-m64.json, the decode buckets 24..64): a 32-row
+# activation tile wins every Llama-3-8B projection at M = 32 (qkv 12.9 vs 15.8 us), 3 stages at M = 64.
+# Session 4 (kernels-h100-gemm-sweep-decode.json, M = 1/16/32/64): two groups of K per iteration win at
+# M = 64; the FP16-MMA variant with folded scales (`f16`) loses everywhere by 5-15 %.
+# Split-K also depends on the projection (same sweep, per shape): (max M, config, split for a wide output
+# N >= 16384 — gate_up, 448 tiles of 64 rows fill the GPU with less split: 39 vs 45 us at M = 16, 63 vs
+# 74 at M = 64 — , split for a long K >= 8192 — down: 22.5 vs 26.0 us at M = 32).
+GEMM_TABLE: list[tuple[int, GemmConfig, int, int]] = [
+    (16, GemmConfig("triton", BM=16, BN=64, SPLIT_K=8, SWAP_AB=True, num_warps=4, num_stages=4, asm=True), 4, 8),
+    (32, GemmConfig("triton", BM=32, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=4, asm=True), 4, 8),
+    (64, GemmConfig("triton", BM=64, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=3, asm=True, GPI=2),
+     2, 4),
+    (1 << 62, GemmConfig("two_step"), 0, 0),
 ]
 
 # Gate+up with the SiLU·mul epilogue (two accumulators). Run 3's gate_up sweep (M = 16, Llama-3-8B):
@@ -28,8 +38,11 @@ GATE_UP_TABLE: list[tuple[int, GemmConfig]] = [
 
 
 def gemm_config(M: int, N: int, K: int, epi: int) -> GemmConfig:
-    table = GATE_UP_TABLE if epi == 2 else GEMM_TABLE
-    for max_m, cfg in table:
-        if M <= max_m:
-            return cfg
-    return table[-1][1]
+    if epi == 2:
+        return next((c for max_m, c in GATE_UP_TABLE if M <= max_m), GATE_UP_TABLE[-1][1])
+    _, cfg, wide_sk, long_sk = next((row for row in GEMM_TABLE if M <= row[0]), GEMM_TABLE[-1])
+    if cfg.path == "triton" and N >= 16384:
+        cfg = replace(cfg, SPLIT_K=wide_sk)
+    elif cfg.path == "triton" and K >= 8192:
+        cfg = replace(cfg, SPLIT_K=long_sk)
+    return cfg
