@@ -28,11 +28,17 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.pad_block = max_batch, max_blocks, pad_block
         dev, T = model.device, kv.fmt.tokens_per_block
         self.T = T
-        self.ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_batch,), pad_block * T, dtype=torch.long, device=dev)
-        self.block_tables = torch.full((max_batch, max_blocks), pad_block, dtype=torch.int32, device=dev)
-        self.kv_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        # two device buffers (int64: ids, positions, slots; int32: block tables then KV lengths), filled
+        # from pinned host twins by three copies per step: pageable copies are synchronous staging, and a
+        # tensor per block-table row was 64 small host ops at batch 64
+        nbt = max_batch * max_blocks
+        self._d64 = torch.zeros((3, max_batch), dtype=torch.long, device=dev)
+        self._d32 = torch.zeros(nbt + max_batch, dtype=torch.int32, device=dev)
+        self._h64 = torch.zeros_like(self._d64, device="cpu").pin_memory()
+        self._h32 = torch.zeros_like(self._d32, device="cpu").pin_memory()
+        self.ids, self.pos, self.slots = self._d64[0], self._d64[1], self._d64[2]
+        self.block_tables, self.kv_lens = self._d32[:nbt].view(max_batch, max_blocks), self._d32[nbt:]
+        self._copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket(self, n: int) -> int | None:
@@ -75,19 +81,23 @@ class DecodeGraphs:
         """Hidden states [n, hidden] of a decode-only batch of n ≤ max_batch rows."""
         n = len(ids)
         b = self.bucket(n)
-        host = torch.full((3, b), 0, dtype=torch.long)
-        host[0, :n], host[1, :n], host[2, :n] = torch.tensor(ids), torch.tensor(pos), torch.tensor(slots)
-        host[2, n:] = self.pad_block * self.T
-        bt = torch.full((b, self.max_blocks), self.pad_block, dtype=torch.int32)
+        self._copied.synchronize()                        # the host buffers are free again (done long ago)
+        h64, h32 = self._h64.numpy(), self._h32.numpy()
+        nbt = self.max_batch * self.max_blocks
+        bt, lens = h32[:nbt].reshape(self.max_batch, self.max_blocks), h32[nbt:]
+        h64[0, :n], h64[1, :n], h64[2, :n] = ids, pos, slots
+        h64[:2, n:b] = 0
+        h64[2, n:b] = self.pad_block * self.T
+        bt[:b] = self.pad_block
         for i, row in enumerate(block_tables):
-            bt[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        lens = torch.ones(b, dtype=torch.int32)
-        lens[:n] = torch.tensor(kv_lens, dtype=torch.int32)
-        self.ids[:b].copy_(host[0], non_blocking=True)
-        self.pos[:b].copy_(host[1], non_blocking=True)
-        self.slots[:b].copy_(host[2], non_blocking=True)
-        self.block_tables[:b].copy_(bt, non_blocking=True)
-        self.kv_lens[:b].copy_(lens, non_blocking=True)
+            bt[i, :len(row)] = row
+        lens[:n] = kv_lens
+        lens[n:b] = 1
+        self._d64.copy_(self._h64, non_blocking=True)    # 3 x max_batch: whole (a column slice is strided)
+        nb = b * self.max_blocks
+        self._d32[:nb].copy_(self._h32[:nb], non_blocking=True)
+        self._d32[nbt:nbt + b].copy_(self._h32[nbt:nbt + b], non_blocking=True)
+        self._copied.record()
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

@@ -15,7 +15,7 @@ from fineserve_core.model_source import iter_weights, load_tokenizer, resolve_mo
 from fineserve_core.paged_kv import PagedKVCache
 from fineserve_core.sampling import SamplingParams, sample_batch
 from fineserve_core.scheduler import make_scheduler
-from fineserve_core.sequence import Sequence
+from fineserve_core.sequence import Sequence, new_text
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CPU_KV_BYTES = 512 << 20
@@ -163,7 +163,8 @@ class Engine:
         for seq, n in batch:
             seq.num_computed += n
         if samplers:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[torch.tensor(sample_rows, device=dev)]
+            logits = self.model.logits(rows)
             now = time.monotonic()
             tokens = sample_batch(logits, [s.params for s in samplers], [s.generator for s in samplers])
             for seq, token in zip(samplers, tokens):
@@ -179,7 +180,7 @@ class Engine:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-        text = self._detokenize(seq.output_ids)
+        text = seq.text + new_text(self.tokenizer, seq, final=reason is not None)
         if p.stop:
             hit = min((i for i in (text.find(s, max(0, len(seq.text) - len(s))) for s in p.stop) if i >= 0), default=-1)
             if hit >= 0:
@@ -187,8 +188,6 @@ class Engine:
         seq.text = text
         # hold back a tail that could still become a stop string or an incomplete UTF-8 character
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
-        if not reason and text.endswith("\ufffd"):
-            hold = max(hold, 1)
         upto = max(seq.num_emitted, len(text) - hold)
         delta, seq.num_emitted = text[seq.num_emitted:upto], upto
         metrics = None
@@ -217,9 +216,6 @@ class Engine:
                 self.step()
             times.append(time.perf_counter() - t0)
         return times[-1] / num_tokens
-
-    def _detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     # ---- offline use ----------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:

@@ -32,6 +32,8 @@ class Sequence:
     finish_reason: str | None = None         # "stop" | "length" | "abort" | "error"
     text: str = ""                           # detokenized output, cut at a stop string
     num_emitted: int = 0                     # characters of `text` already streamed
+    prefix_offset: int = 0                   # incremental detokenization window over output_ids:
+    read_offset: int = 0                     # text up to read_offset is in `text`, decoded from prefix_offset
     num_preemptions: int = 0
     generator: torch.Generator | None = None
 
@@ -58,3 +60,26 @@ class Sequence:
         tpot = (self.finish_time - self.first_token_time) / (n - 1) if self.finish_time and self.first_token_time and n > 1 else None
         return {"ttft": ttft, "tpot": tpot, "e2e": e2e, "prompt_tokens": len(self.prompt_ids),
                 "completion_tokens": n, "preemptions": self.num_preemptions}
+
+
+def new_text(tokenizer, seq: Sequence, final: bool) -> str:
+    """Text that `seq`'s latest output token adds (incremental detokenization). Decodes a short window, not
+    the whole output (that was O(length) per token: 15 ms per step at batch 64 and 512 output tokens).
+    The window starts where the text was last complete, so tokenizers that strip a leading space or split
+    a UTF-8 character across tokens decode it the same way twice; an incomplete character (U+FFFD at the
+    end) waits for the next token unless the request ends here."""
+    if tokenizer is None:
+        return ""
+    ids = seq.output_ids
+    fast = getattr(tokenizer, "backend_tokenizer", None)        # the Rust tokenizer: 6x less per call
+
+    def dec(a: int, b: int) -> str:
+        if fast is not None:
+            return fast.decode(ids[a:b], skip_special_tokens=True)
+        return tokenizer.decode(ids[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    prefix = dec(seq.prefix_offset, seq.read_offset)
+    full = dec(seq.prefix_offset, len(ids))
+    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+        return ""
+    seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+    return full[len(prefix):]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,14 +42,39 @@ def _profile_steps(eng, n: int) -> dict:
     gpu_us = sum(e.self_device_time_total for e in ev) / n
     top_gpu = sorted(ev, key=lambda e: -e.self_device_time_total)[:12]
     top_cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
-    out = {"wall_ms_per_step": sec / n * 1e3, "gpu_kernel_ms_per_step": gpu_us / 1e3,
+    out = {"wall_ms_per_step": sec / n * 1e3, "gpu_kernel_ms_per_step": gpu_us / 1e3, **_gpu_timeline(prof, n),
            "launches_per_step": sum(e.count for e in ev if e.self_device_time_total > 0) / n,
            "top_gpu": [(e.key[:60], e.self_device_time_total / n, e.count / n) for e in top_gpu],
            "top_cpu": [(e.key[:60], e.self_cpu_time_total / n, e.count / n) for e in top_cpu]}
     print(f"  profile: wall {out['wall_ms_per_step']:.1f} ms/step, GPU kernels {out['gpu_kernel_ms_per_step']:.1f} "
-          f"ms/step, {out['launches_per_step']:.0f} kernels/step", flush=True)
+          f"ms/step (busy {out['gpu_busy_ms_per_step']:.1f}, gaps < 20 us {out['short_gaps_ms_per_step']:.1f}, "
+          f"longer idle {out['long_idle_ms_per_step']:.1f}), {out['launches_per_step']:.0f} kernels/step", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return out
+
+
+def _gpu_timeline(prof, n: int) -> dict:
+    """Per step, from the trace's kernel/memcpy intervals: time the GPU is busy, idle in short gaps
+    (< 20 us: launch-to-launch bubbles, also inside a replayed graph) and idle longer (the host working)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy = short = long_ = 0.0
+    end = iv[0][0] if iv else 0.0
+    for s, e in iv:
+        if s > end:
+            if s - end < 20:
+                short += s - end
+            else:
+                long_ += s - end
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return {"gpu_busy_ms_per_step": busy / n / 1e3, "short_gaps_ms_per_step": short / n / 1e3,
+            "long_idle_ms_per_step": long_ / n / 1e3}
 
 
 def bench_precision(model: str, precision: str, args) -> dict:

@@ -170,3 +170,29 @@ def test_async_streaming_and_cancellation_frees_blocks(prompts, hf_outputs):
     asyncio.run(main())
     aeng.shutdown()
     assert eng.blocks.num_free_blocks() == free0
+
+
+def test_incremental_detokenization_streams_what_decoding_the_whole_output_gives(engine):
+    """Streamed text (one window decode per token, `sequence.new_text`) concatenates to the decode of all
+    output tokens, and never emits text that a later token changes — also for UTF-8 characters split
+    over byte tokens, special tokens and random ids."""
+    from hypothesis import given, settings, strategies as st
+
+    from fineserve_core.sequence import Sequence, new_text
+    tok = engine.tokenizer
+    split = tok.encode("héllo wörld 世界 🙂👍🏽 naïve — ∑", add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in split)          # the pool really splits characters
+    pool = st.sampled_from(split + [tok.eos_token_id]) | st.integers(0, len(tok) - 1)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(pool, min_size=1, max_size=24))
+    def check(ids):
+        full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        seq = Sequence("r", [1], GREEDY)
+        text = ""
+        for i, t in enumerate(ids):
+            seq.output_ids.append(t)
+            text += new_text(tok, seq, final=i == len(ids) - 1)
+            assert full.startswith(text), (ids, text, full)
+        assert text == full
+    check()
