@@ -180,6 +180,10 @@ def gemm_candidates(M: int, epi: int):
         out += [C(BM=64, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, num_stages=3, GPI=gpi) for sk in (2, 4)
                 for gpi in (1, 2)]
         out += [C(BM=32, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True) for sk in (4, 8)]
+        # ncu (kernels/NOTES.md): 138 registers cap the M = 64 tile at 3 CTAs per SM, and down (K = 14336)
+        # at split 4 launches 0.65 waves — more split, 32-row tiles, fewer stages (none won)
+        out += [C(BM=bm_, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, num_stages=ns, GPI=2)
+                for bm_, sk, ns in ((64, 8, 3), (64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 8, 3))]
         return out + fold + [replace(c, num_stages=3) for c in fold if c.GPI == 1]
     return [C("two_step"), C(BM=128, BN=128, SWAP_AB=True, num_warps=8, num_stages=3, asm=True)]
 
