@@ -33,8 +33,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import KeyChecker
-from app.grpc_bind import bind_to_node_ip
 from app.config import AppConfig
+from app.grpc_bind import bind_to_node_ip
 from fineserve_core.sampling import MAX_STOP_STRINGS
 
 PRECISION_ORDER = ("bf16", "fp8", "w4a8kv4")    # quality first: a bare model name goes to the best tier

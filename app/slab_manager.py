@@ -232,7 +232,6 @@ class GpuSlabManager:
                            for m, d in stats["models"].items()}}
 
 
-
 class _SlabMetrics:
     """KV Slab gauges through Ray's Prometheus export (ray_fineserve_kv_slabs, ray_fineserve_kv_fragmentation)."""
 

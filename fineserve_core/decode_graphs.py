@@ -31,7 +31,7 @@ class DecodeGraphs:
         # two device buffers (int64: ids, positions, slots; int32: block tables then KV lengths), filled
         # from pinned host twins by three copies per step: pageable copies are synchronous staging, and a
         # tensor per block-table row was 64 small host ops at batch 64
-        nbt = max_batch * max_blocks
+        self._nbt = nbt = max_batch * max_blocks
         self._d64 = torch.zeros((3, max_batch), dtype=torch.long, device=dev)
         self._d32 = torch.zeros(nbt + max_batch, dtype=torch.int32, device=dev)
         self._h64 = torch.zeros_like(self._d64, device="cpu").pin_memory()
@@ -83,7 +83,7 @@ class DecodeGraphs:
         b = self.bucket(n)
         self._copied.synchronize()                        # the host buffers are free again (done long ago)
         h64, h32 = self._h64.numpy(), self._h32.numpy()
-        nbt = self.max_batch * self.max_blocks
+        nbt = self._nbt
         bt, lens = h32[:nbt].reshape(self.max_batch, self.max_blocks), h32[nbt:]
         h64[0, :n], h64[1, :n], h64[2, :n] = ids, pos, slots
         h64[:2, n:b] = 0

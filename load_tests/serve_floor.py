@@ -13,7 +13,6 @@ Writes load_tests/results/serve-floor-<device>.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -21,9 +20,7 @@ import httpx
 
 from app.builder import INGRESS_ENV, REPLICA_ENV
 from fineserve_core.results import write_result
-from load_tests.serve_overhead import free_port
-
-os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
+from load_tests.serve_overhead import free_port     # importing it sets RAY_SERVE_USE_GRPC_BY_DEFAULT
 BODY = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 1}
 
 
