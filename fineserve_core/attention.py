@@ -116,18 +116,27 @@ def _starts(batch: AttnBatch) -> list[int]:
 
 @dataclass(slots=True)
 class _CudaMeta:
-    """Which sequences each kernel serves, and its index tensors (one build per step, not per layer)."""
+    """Which sequences each kernel serves, and its index tensors (one build per step, not per layer).
+    `dec_tok` / `pre_tok` select the decode / whole-prefill rows' tokens: a slice when they are contiguous
+    (the engine orders a step decodes first, then prompts), else an index tensor."""
     decode: list[int]                   # sequence rows with q_len 1
     prefill: list[int]                  # rows with q_len == kv_len > 1 (whole prompt in this step)
     other: list[int]                    # chunks continuing a cached prefix: torch reference
-    dec_tok: torch.Tensor | None = None     # token index of each decode row
+    dec_tok: slice | torch.Tensor = field(default_factory=lambda: slice(None))
     block_tables: torch.Tensor | None = None
     kv_lens: torch.Tensor | None = None
-    pre_tok: torch.Tensor | None = None     # token indices of the prefill rows (None: all tokens, in order)
+    pre_tok: slice | torch.Tensor = field(default_factory=lambda: slice(None))
     cu: torch.Tensor | None = None
     max_len: int = 0
     v_starts: torch.Tensor | None = None
     v_pad: int = 0
+
+
+def _token_rows(starts: list[int], q_lens: list[int], rows: list[int], device) -> slice | torch.Tensor:
+    tok = [t for i in rows for t in range(starts[i], starts[i] + q_lens[i])]
+    if tok == list(range(tok[0], tok[-1] + 1)):
+        return slice(tok[0], tok[-1] + 1)
+    return torch.tensor(tok, device=device)
 
 
 def _meta(batch: AttnBatch, device, have_kv: bool) -> _CudaMeta:
@@ -140,18 +149,15 @@ def _meta(batch: AttnBatch, device, have_kv: bool) -> _CudaMeta:
         (dec if ql == 1 else pre if (ql == kl and have_kv) else oth).append(i)
     m = _CudaMeta(dec, pre, oth)
     starts = _starts(batch)
-    T = sum(batch.q_lens)
     if dec:
-        m.dec_tok = None if len(dec) == T else torch.tensor([starts[i] for i in dec], device=device)
+        m.dec_tok = _token_rows(starts, batch.q_lens, dec, device)
         width = max(len(batch.block_tables[i]) for i in dec)
         bt = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in dec]
         m.block_tables = torch.tensor(bt, dtype=torch.int32, device=device)
         m.kv_lens = torch.tensor([batch.kv_lens[i] for i in dec], dtype=torch.int32, device=device)
     if pre:
         lens = [batch.q_lens[i] for i in pre]
-        if sum(lens) != T:
-            m.pre_tok = torch.tensor([t for i in pre for t in range(starts[i], starts[i] + batch.q_lens[i])],
-                                     device=device)
+        m.pre_tok = _token_rows(starts, batch.q_lens, pre, device)
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
@@ -164,39 +170,74 @@ def _meta(batch: AttnBatch, device, have_kv: bool) -> _CudaMeta:
     return m
 
 
+def _take(x: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+
+
+def _joint(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, Hq + Hkv, D] over q and k when k's heads follow q's in one buffer (the fused projection's
+    layout): one FP8 quantization then serves both."""
+    T, hq, d = q.shape
+    if (k.stride() == q.stride() and q.stride(1) == d and q.stride(2) == 1 and q.stride(0) == (hq + k.shape[1]) * d
+            and k.data_ptr() == q.data_ptr() + hq * d * q.element_size()):
+        return q.as_strided((T, hq + k.shape[1], d), q.stride())
+    return None
+
+
 def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v, q_fp8: bool) -> torch.Tensor:
     import kernels
     prec = kv.fmt.precision
     m = _meta(batch, q.device, k is not None)
-    out = None
+    hq = q.shape[1]
+    out = torch.empty_like(q)
+    # FireQ's Q8 (w4a8kv4 decodes) and FP8 Q/K (fp8 and w4a8kv4 prompts), per (token, head): quantized once
+    # for the step's rows when they are one range and q, k share a buffer, else per kernel
+    T = q.shape[0]
+    q8 = qs = k8 = ks = None
+    need = [r for r, on in ((m.dec_tok, prec == "w4a8kv4" and m.decode), (m.pre_tok, prec != "bf16" and m.prefill))
+            if on]
+    qk = _joint(q, k) if need and k is not None and all(isinstance(r, slice) for r in need) else None
+    if qk is not None:
+        lo = min(r.indices(T)[0] for r in need)
+        hi = max(r.indices(T)[1] for r in need)
+        x8, sx = kernels.quant_qk_fp8(qk[lo:hi])
+        q8, qs, k8, ks = x8[:, :hq], sx[:, :hq], x8[:, hq:], sx[:, hq:]
+
+    def sub(x, sel: slice):                        # rows `sel` of the step out of the quantized range
+        a, b, _ = sel.indices(T)
+        return x[a - lo:b - lo]
     if m.decode:
-        qd = q if m.dec_tok is None else q.index_select(0, m.dec_tok)
-        q_scale = None
-        if prec == "w4a8kv4":     # FireQ's Q8: FP8 q per (token, head), the codes of `fake_quant_q_fp8`
-            qd, q_scale = kernels.quant_qk_fp8(qd)
+        if prec == "w4a8kv4":
+            if q8 is not None:
+                qd, q_scale = sub(q8, m.dec_tok), sub(qs, m.dec_tok)
+            else:
+                qd, q_scale = kernels.quant_qk_fp8(_take(q, m.dec_tok))
+        else:
+            qd, q_scale = _take(q, m.dec_tok), None
+        direct = isinstance(m.dec_tok, slice)
         od = kernels.paged_decode_attention(qd, kv.k[layer], kv.v[layer], m.block_tables, m.kv_lens, prec,
-                                            q_scale=q_scale, out_dtype=q.dtype)
-        if m.dec_tok is None:
-            return od
-        out = torch.empty_like(q)
-        out.index_copy_(0, m.dec_tok, od)
+                                            q_scale=q_scale, out_dtype=q.dtype, out=out[m.dec_tok] if direct else None)
+        if not direct:
+            out.index_copy_(0, m.dec_tok, od)
     if m.prefill:
-        sel = (lambda x: x) if m.pre_tok is None else (lambda x: x.index_select(0, m.pre_tok))
-        qp, kp, vp = sel(q), sel(k), sel(v)
+        direct = isinstance(m.pre_tok, slice)
+        dst = out[m.pre_tok] if direct else None
         if prec == "bf16":
-            op = kernels.prefill_attention(qp, kp, vp, m.cu, m.max_len, out_dtype=q.dtype)
+            op = kernels.prefill_attention(_take(q, m.pre_tok), _take(k, m.pre_tok), _take(v, m.pre_tok), m.cu,
+                                           m.max_len, out_dtype=q.dtype, out=dst)
         else:
             from kernels.attn_prefill import quant_v_fp8_t
-            q8, qs = kernels.quant_qk_fp8(qp)
-            k8, ks = kernels.quant_qk_fp8(kp)
-            v8, vs = quant_v_fp8_t(vp, m.cu, m.v_starts, m.v_pad, m.max_len)
-            op = kernels.prefill_attention(q8, k8, v8, m.cu, m.max_len, q_scale=qs, k_scale=ks.t().contiguous().t(),
-                                           v_scale=vs, v_starts=m.v_starts, out_dtype=q.dtype)
-        if m.pre_tok is None:
-            return op
-        out = torch.empty_like(q) if out is None else out
-        out.index_copy_(0, m.pre_tok, op)
+            if k8 is not None:
+                qp8, qps, kp8, kps = (sub(x, m.pre_tok) for x in (q8, qs, k8, ks))
+            else:
+                qp8, qps = kernels.quant_qk_fp8(_take(q, m.pre_tok))
+                kp8, kps = kernels.quant_qk_fp8(_take(k, m.pre_tok))
+            v8, vs = quant_v_fp8_t(_take(v, m.pre_tok), m.cu, m.v_starts, m.v_pad, m.max_len)
+            op = kernels.prefill_attention(qp8, kp8, v8, m.cu, m.max_len, q_scale=qps,
+                                           k_scale=kps.t().contiguous().t(), v_scale=vs, v_starts=m.v_starts,
+                                           out_dtype=q.dtype, out=dst)
+        if not direct:
+            out.index_copy_(0, m.pre_tok, op)
     if m.other:
-        out = paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch, rows=m.other,
-                                  out=torch.empty_like(q) if out is None else out)
+        paged_attention_ref(fake_quant_q_fp8(q) if q_fp8 else q, kv, layer, batch, rows=m.other, out=out)
     return out

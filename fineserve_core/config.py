@@ -57,3 +57,5 @@ class EngineConfig(Strict):
     scheduler: Literal["fcfs", "saab", "prism"] = "fcfs"   # prism: the Prism baseline's queue
     ttft_per_token: float = Field(0.0, ge=0.0)       # SAAB's TTFT model: seconds of prefill per batched token
     cuda_graphs: bool = True                         # decode steps replay CUDA graphs (CUDA only)
+    # steps with prompt tokens, up to this many tokens, replay piecewise graphs (`step_graphs`); 0: eager
+    graph_max_tokens: int = Field(2048, ge=0)

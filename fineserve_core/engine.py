@@ -73,13 +73,18 @@ class Engine:
         self.scheduler = make_scheduler(cfg.scheduler, self.blocks, self.fmt.tokens_per_block, cfg.max_num_seqs,
                                         cfg.max_num_batched_tokens, ttft_per_token=cfg.ttft_per_token)
         self.seqs: dict[str, Sequence] = {}
-        self.graphs = None
+        self.graphs = self.step_graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
             from fineserve_core.decode_graphs import DecodeGraphs
+            from fineserve_core.step_graphs import StepGraphs
             pad = self.blocks.alloc(1)[0]             # the padding rows' scratch block, held for good
             self.graphs = DecodeGraphs(self.model, self.kv, cfg.max_num_seqs,
                                        -(-self.max_model_len // self.fmt.tokens_per_block), pad)
             self.graphs.capture_all()
+            if cfg.graph_max_tokens:
+                self.step_graphs = StepGraphs(self.model, self.kv,
+                                              min(cfg.graph_max_tokens, cfg.max_num_batched_tokens), pad)
+                self.step_graphs.capture_all()
 
     def kv_spec(self, rate: float = 1.0) -> ModelKVSpec:
         return ModelKVSpec(self.model_id, self.source.config.num_layers, self.fmt.block_bytes,
@@ -141,6 +146,9 @@ class Engine:
         self.scheduler.dropped.clear()
         if not batch:
             return outputs
+        # decodes, then prompts, then chunks continuing a prompt: each attention kernel's rows are then one
+        # range of the step's tokens (slices, not gathers; `attention._cuda_attention`)
+        batch.sort(key=lambda sn: 0 if sn[1] == 1 else 1 if sn[0].num_computed == 0 else 2)
         T = self.fmt.tokens_per_block
         ids, pos, slots, sample_rows, samplers = [], [], [], [], []
         for seq, n in batch:
@@ -156,6 +164,9 @@ class Engine:
         kv_lens = [s.num_computed + n for s, n in batch]
         if self.graphs is not None and len(ids) == len(batch):        # decodes only: replay a graph
             hidden = self.graphs.run(ids, pos, slots, [s.block_ids for s, _ in batch], kv_lens)
+        elif self.step_graphs is not None and len(ids) <= self.step_graphs.max_tokens:   # with prompt tokens
+            hidden = self.step_graphs.run(ids, pos, slots, [n for _, n in batch], kv_lens,
+                                          [s.block_ids for s, _ in batch])
         else:
             attn = AttnBatch([n for _, n in batch], kv_lens, [s.block_ids for s, _ in batch],
                              torch.tensor(slots, device=dev))

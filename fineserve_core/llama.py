@@ -118,6 +118,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch, kv: PagedKVCache):
         """`rope`: `Rotary`'s (cos, signed sin) of this step's positions."""
+        return self.o_proj(self.attend(*self.project(x, rope, batch.slot_mapping, kv), batch, kv))
+
+    def project(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, kv: PagedKVCache):
+        """q [T, Hq, D], k, v [T, Hkv, D] of x, rotated (and post-scaled); k, v also written at `slots`.
+        Row-wise, like everything but `attend`: `step_graphs` captures it per token bucket."""
         qkv = self.qkv_proj(x)
         nqk = (self.nh + self.nkv) * self.hd
         # q and k heads are adjacent in the fused projection: rotate (and post-scale) them as one tensor
@@ -126,10 +131,13 @@ class Attention(nn.Module):
             qk = qk * self.qk_post_scale
         q, k = qk[:, :self.nh], qk[:, self.nh:]
         v = qkv[..., nqk:].view(-1, self.nkv, self.hd)
-        kv.write(self.layer, batch.slot_mapping, k, v)
+        kv.write(self.layer, slots, k, v)
+        return q, k, v
+
+    def attend(self, q, k, v, batch: AttnBatch, kv: PagedKVCache) -> torch.Tensor:
+        """[T, Hq·D]: each sequence's queries over its KV (the step's fresh K/V for whole prompts)."""
         fresh = (k, v) if self.fresh_prefill else (None, None)
-        o = paged_attention(q, kv, self.layer, batch, *fresh, q_fp8=self.q_fp8)
-        return self.o_proj(o.reshape(-1, self.nh * self.hd))
+        return paged_attention(q, kv, self.layer, batch, *fresh, q_fp8=self.q_fp8).reshape(-1, self.nh * self.hd)
 
 
 class MLP(nn.Module):
@@ -172,8 +180,17 @@ class DecoderLayer(nn.Module):
         return (norm(x), x) if residual is None else norm(x, residual)
 
     def forward(self, x, residual, rope, batch, kv):
+        q, k, v, residual = self.pre(x, residual, rope, batch.slot_mapping, kv)
+        return self.post(self.self_attn.attend(q, k, v, batch, kv), residual)
+
+    def pre(self, x, residual, rope, slots, kv):
+        """Up to attention: (q, k, v, residual)."""
         h, residual = self._norm(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
-        h, residual = self._norm(self.post_attention_layernorm, self.self_attn(h, rope, batch, kv), residual,
+        return *self.self_attn.project(h, rope, slots, kv), residual
+
+    def post(self, o, residual):
+        """From the attention output o [T, Hq·D] on: (mlp output, residual)."""
+        h, residual = self._norm(self.post_attention_layernorm, self.self_attn.o_proj(o), residual,
                                  self.mlp.gate_up_proj)
         return self.mlp(h), residual
 

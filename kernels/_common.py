@@ -216,6 +216,16 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A caller's output buffer: the wrapper's shape and dtype, unit stride in the last dimension."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {dtype} {list(shape)} with unit last stride, got {out.dtype} "
+                         f"{list(out.shape)} strides {out.stride()}")
+    if POISON:
+        out.fill_(float("nan"))
+    return out
+
+
 # INT4 → FP8 for 4 packed bytes (8 nibbles) per instance, on packed 32-bit registers: flip the nibbles'
 # sign bits (u = n ^ 8 = v + 8), spread two bytes into the low halves of an f16x2 pair (prmt), OR the
 # nibble into 1024.0's mantissa (lop3), then (1024 + u) − 1032 = v for low nibbles and

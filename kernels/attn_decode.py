@@ -22,7 +22,7 @@ import torch
 import triton.language as tl
 
 from kernels._common import (
-    INTERPRET, cdiv, empty, int4_to_f16, jit, mma, next_pow2, nib_hi, nib_lo, to_bf16, to_f16,
+    INTERPRET, cdiv, check_out, empty, int4_to_f16, jit, mma, next_pow2, nib_hi, nib_lo, to_bf16, to_f16,
     to_out,
 )
 
@@ -171,8 +171,10 @@ def default_splits(batch: int, kv_heads: int, max_blocks: int, n_sm: int = 132, 
 def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                            precision: str, sm_scale: float | None = None, q_scale: torch.Tensor | None = None,
                            out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 3, asm: bool = True) -> torch.Tensor:
-    """q [B, Hq, D] (float, or float8_e4m3fn with q_scale [B, Hq]) → out [B, Hq, D] in out_dtype.
+                           num_warps: int = 4, num_stages: int = 3, asm: bool = True,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (float, or float8_e4m3fn with q_scale [B, Hq]) → out [B, Hq, D] in out_dtype (written
+    into `out` when given: any row and head strides, unit stride along D).
 
     k_cache / v_cache: (data, scale) block views of one layer; block_tables int32 [B, max_blocks];
     kv_lens int32 [B] (≥ 1) tokens in the cache including the current one. Three pipeline stages: the
@@ -201,7 +203,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_tables: torc
         splits = default_splits(B, HKV, max_blocks) if q.is_cuda else 1
     bps = cdiv(max_blocks, splits)
     splits = cdiv(max_blocks, bps)
-    out = empty((B, HQ, D), out_dtype, q.device)
+    out = empty((B, HQ, D), out_dtype, q.device) if out is None else check_out(out, (B, HQ, D), out_dtype)
     if splits > 1:
         wso = empty((B * HQ * splits, D), torch.float32, q.device)
         wsml = empty((B * HQ * splits, 2), torch.float32, q.device)

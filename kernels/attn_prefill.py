@@ -19,7 +19,7 @@ import math
 import torch
 import triton.language as tl
 
-from kernels._common import empty, cdiv, jit, mma, to_bf16, to_fp8, to_out
+from kernels._common import cdiv, check_out, empty, jit, mma, to_bf16, to_fp8, to_out
 
 __all__ = ["prefill_attention", "prefill_attention_ref", "quant_qk_fp8", "quant_v_fp8_t", "quant_v_fp8_t_ref",
            "v_layout", "v_from_store"]
@@ -189,8 +189,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                       v_starts: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.bfloat16, BM: int = 128, BN: int = 64,
-                      num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """Causal attention of each sequence over itself. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
+                      num_warps: int = 8, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence over itself (into `out` when given, unit stride along D). q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
     FP8 when q is float8_e4m3fn: then q_scale [T, Hq], k_scale [T, Hkv] (any strides; [Hkv, T]-contiguous
     is the fast one), v_scale [Hkv] (`quant_qk_fp8`, `quant_v_fp8_t`). With `v_starts`, v is the
     token-contiguous FP8 store [Hkv, D, T_pad] of `quant_v_fp8_t`; otherwise v is [T, Hkv, D], any strides."""
@@ -198,7 +198,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     HKV = k.shape[1]
     fp8 = q.dtype == torch.float8_e4m3fn
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    out = empty((T, HQ, D), out_dtype, q.device)
+    out = empty((T, HQ, D), out_dtype, q.device) if out is None else check_out(out, (T, HQ, D), out_dtype)
     B = cu_seqlens.numel() - 1
     if B == 0 or T == 0:
         return out

@@ -1,9 +1,10 @@
 """Engine-level speed on CUDA (issue 4): prefill tok/s at bs16 × 1024 and decode tok/s at batch 1/16/64,
 context 1024, per precision, for a random-weight shape preset, through `Engine.step` (scheduler, Triton
-kernels, sampling: everything a served request pays, no CUDA graphs). Also the GPU-vs-CPU logits check
+kernels, CUDA graphs, sampling: everything a served request pays). `--mixed N`: also steps that carry a
+new N-token prompt beside the decodes, as a loaded server's do. Also the GPU-vs-CPU logits check
 (`load_tests.gpu_vs_cpu`). Writes load_tests/results/engine-<device>.json.
 
-    python -m load_tests.engine_speed [--model llama-3-8b-shape] [--precisions bf16,fp8,w4a8kv4]
+    python -m load_tests.engine_speed [--model llama-3-8b-shape] [--precisions bf16,fp8,w4a8kv4] [--mixed 256]
 """
 from __future__ import annotations
 
@@ -77,14 +78,47 @@ def _gpu_timeline(prof, n: int) -> dict:
             "long_idle_ms_per_step": long_ / n / 1e3}
 
 
+def _mixed_steps(eng, B: int, args, gen, V: int) -> dict:
+    """Steps of B running decodes plus one new `args.mixed`-token prompt each (max_tokens 1, so it leaves
+    after its prefill): what a served model's steps look like while requests keep arriving."""
+    from fineserve_core.sampling import SamplingParams
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def run(n: int, tag: str) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(n):
+            eng.add_request(f"m{B}-{tag}{i}", _ids(gen, V, args.mixed), one)
+            eng.step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+    run(args.warmup_steps, "w")
+    sec = run(args.decode_steps, "t")
+    out = {"prefill_tokens": args.mixed, "step_ms": sec / args.decode_steps * 1e3}
+    if args.profile and B in args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        n = 3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(n, "p")
+        out.update(_gpu_timeline(prof, n))
+        print(f"  mixed profile B={B}: GPU busy {out['gpu_busy_ms_per_step']:.1f} ms/step, "
+              f"short gaps {out['short_gaps_ms_per_step']:.1f}, longer idle {out['long_idle_ms_per_step']:.1f}",
+              flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+    return out
+
+
 def bench_precision(model: str, precision: str, args) -> dict:
     from fineserve_core.config import EngineConfig
     from fineserve_core.engine import Engine
     from fineserve_core.sampling import SamplingParams
     t0 = time.perf_counter()
+    # the mixed steps run the decodes on (and add one prompt at a time beside them)
+    extra = args.warmup_steps + args.decode_steps + 3 if args.mixed else 0
     eng = Engine(EngineConfig(model=model, precision=precision, device="cuda",
-                              max_num_seqs=max(args.decode_batch), max_num_batched_tokens=args.prefill_batch * args.ctx,
-                              kv_cache_bytes=args.kv_gib << 30, max_model_len=args.ctx + args.decode_steps + 64,
+                              max_num_seqs=max(args.decode_batch) + bool(args.mixed),
+                              max_num_batched_tokens=args.prefill_batch * args.ctx, kv_cache_bytes=args.kv_gib << 30,
+                              max_model_len=args.ctx + args.decode_steps + extra + 64,
                               cuda_graphs=not args.no_cuda_graphs))
     torch.cuda.synchronize()
     res = {"precision": precision, "load_s": round(time.perf_counter() - t0, 1),
@@ -116,7 +150,8 @@ def bench_precision(model: str, precision: str, args) -> dict:
     # decode: B sequences at context ctx, steps timed after every prompt has its first token
     res["decode"] = []
     for B in args.decode_batch:
-        sp = SamplingParams(max_tokens=args.decode_steps + args.warmup_steps + 8, temperature=0.0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=args.decode_steps + args.warmup_steps + extra + 8, temperature=0.0,
+                            ignore_eos=True)
         seqs = [eng.add_request(f"d{B}-{i}", _ids(gen, V, args.ctx), sp) for i in range(B)]
         while any(not s.output_ids for s in seqs):
             eng.step()
@@ -127,9 +162,12 @@ def bench_precision(model: str, precision: str, args) -> dict:
         assert all(len(s.output_ids) >= args.warmup_steps + args.decode_steps for s in seqs)
         row = {"batch": B, "context": args.ctx, "steps": args.decode_steps, "step_ms": sec / args.decode_steps * 1e3,
                "tok_per_s": B * args.decode_steps / sec}
+        if args.mixed:
+            row["mixed"] = _mixed_steps(eng, B, args, gen, V)
         res["decode"].append(row)
-        print(f"{precision} decode B={B} ctx={args.ctx}: {row['step_ms']:.2f} ms/step, {row['tok_per_s']:.0f} tok/s",
-              flush=True)
+        print(f"{precision} decode B={B} ctx={args.ctx}: {row['step_ms']:.2f} ms/step, {row['tok_per_s']:.0f} tok/s"
+              + (f"; with a {args.mixed}-token prefill in each step {row['mixed']['step_ms']:.2f} ms/step"
+                 if args.mixed else ""), flush=True)
         for s in seqs:
             eng.abort(s.request_id)
     eng.close()
@@ -153,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the engine replays graphs)")
     p.add_argument("--no-logits-check", action="store_true")
     p.add_argument("--logits-only", action="store_true", help="only the GPU-vs-CPU logits check")
+    p.add_argument("--mixed", type=int, default=0,
+                   help="also time decode steps that each carry one new prompt of this many tokens")
     p.add_argument("--profile", default="", help="decode batch sizes to profile (torch.profiler), e.g. 16")
     p.add_argument("--out", help="results JSON (default load_tests/results/engine-<device>.json)")
     args = p.parse_args(argv)

@@ -380,6 +380,47 @@ def test_engine_prefill_reference_attends_over_the_fp8_kernel_inputs(gen):
     assert relerr(got, plain) > 100 * relerr(got, exact), f"seed {gen.initial_seed()}"
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "w4a8kv4"])
+@pytest.mark.parametrize("order", ["decodes_first", "interleaved"])
+def test_attention_dispatch_matches_the_reference(gen, precision, order):
+    """`attention._cuda_attention` (the engine's CUDA path: decode kernel, FP8/bf16 prefill kernel, torch
+    for chunk continuations) on a step mixing all three equals the torch reference. Decodes first (the
+    engine's order) takes row slices and one FP8 quantization of the joint q|k buffer; interleaved rows
+    take index tensors and per-kernel quantization; separate q and k buffers give the same numbers."""
+    from fineserve_core.attention import AttnBatch, _cuda_attention, paged_attention
+    from fineserve_core.paged_kv import PagedKVCache
+    HQ, HKV, D, T = 4, 2, 64, 16
+    rows = [(1, 40), (1, 7), (20, 20), (1, 33), (9, 9), (5, 30)]     # (q_len, kv_len): a continuation last
+    if order == "decodes_first":
+        rows.sort(key=lambda r: (r[0] > 1, r[0] != r[1]))
+    fmt = KVFormat.for_model(precision, HKV, D, torch.bfloat16, T)
+    perm = torch.randperm(64, generator=gen).tolist()
+    tables = [[perm.pop() for _ in range(-(-kl // T))] for _, kl in rows]
+    slot = lambda t, p: t[p // T] * T + p % T                      # noqa: E731
+    region = torch.zeros(1, 2, 64 * fmt.block_bytes, dtype=torch.uint8)
+    ref_kv = PagedKVCache(fmt, region)
+    ctx = [slot(t, p) for t, (ql, kl) in zip(tables, rows) for p in range(kl - ql)]
+    ref_kv.write(0, torch.tensor(ctx), rnd(gen, len(ctx), HKV, D).cpu(), rnd(gen, len(ctx), HKV, D).cpu())
+    new = [slot(t, p) for t, (ql, kl) in zip(tables, rows) for p in range(kl - ql, kl)]
+    n = len(new)
+    qk, v = rnd(gen, n, HQ + HKV, D, scale=2.0), rnd(gen, n, HKV, D)
+    q, k = qk[:, :HQ], qk[:, HQ:]
+    ref_kv.write(0, torch.tensor(new), k.cpu(), v.cpu())
+    q_lens, kv_lens = [r[0] for r in rows], [r[1] for r in rows]
+    q_fp8 = precision == "w4a8kv4"
+    ref = paged_attention(q.float().cpu(), ref_kv, 0, AttnBatch(q_lens, kv_lens, tables, torch.tensor(new)),
+                          k.float().cpu(), v.float().cpu(), q_fp8)
+    kv = PagedKVCache(fmt, region.to(DEV))
+    got = {}
+    for joint in (True, False):
+        qq, kk = (q, k) if joint else (q.contiguous(), k.contiguous())
+        batch = AttnBatch(q_lens, kv_lens, tables, torch.tensor(new, device=DEV))
+        got[joint] = _cuda_attention(qq, kv, 0, batch, kk, v, q_fp8)
+    tol = TOL[torch.bfloat16] if precision == "bf16" else TOL_FP8_ATTN
+    assert relerr(got[True], ref) < tol, f"seed {gen.initial_seed()}"
+    torch.testing.assert_close(got[False], got[True], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- FFN block
 
 @pytest.mark.parametrize("path", ["triton", "two_step"])
