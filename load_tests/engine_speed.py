@@ -119,7 +119,7 @@ def bench_precision(model: str, precision: str, args) -> dict:
                               max_num_seqs=max(args.decode_batch) + bool(args.mixed),
                               max_num_batched_tokens=args.prefill_batch * args.ctx, kv_cache_bytes=args.kv_gib << 30,
                               max_model_len=args.ctx + args.decode_steps + extra + 64,
-                              cuda_graphs=not args.no_cuda_graphs))
+                              cuda_graphs=not args.no_cuda_graphs, graph_max_tokens=args.graph_max_tokens))
     torch.cuda.synchronize()
     res = {"precision": precision, "load_s": round(time.perf_counter() - t0, 1),
            "weights_gib": round(torch.cuda.memory_allocated() / 2**30 - args.kv_gib, 2)}
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the engine replays graphs)")
     p.add_argument("--no-logits-check", action="store_true")
     p.add_argument("--logits-only", action="store_true", help="only the GPU-vs-CPU logits check")
+    p.add_argument("--graph-max-tokens", type=int, default=2048,
+                   help="steps with prompt tokens up to this size replay piecewise graphs; 0: eager")
     p.add_argument("--mixed", type=int, default=0,
                    help="also time decode steps that each carry one new prompt of this many tokens")
     p.add_argument("--profile", default="", help="decode batch sizes to profile (torch.profiler), e.g. 16")
