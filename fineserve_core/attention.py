@@ -33,16 +33,18 @@ class AttnBatch:
 
 
 def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: AttnBatch,
-                    k: torch.Tensor | None = None, v: torch.Tensor | None = None, q_fp8: bool = False) -> torch.Tensor:
-    """q [T, Hq, D] -> out [T, Hq, D] in q's dtype. k, v [T, Hkv, D]: this step's new keys and values
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None, q_fp8: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D] in q's dtype (written into `out` when given, a contiguous
+    [T, Hq, D] tensor). k, v [T, Hkv, D]: this step's new keys and values
     (already written to the cache); whole-prompt prefills attend over them (module doc), None: over the cache.
     `q_fp8`: FireQ's Q8 (w4a8kv4) — the reference attends over `fake_quant_q_fp8(q)`; the CUDA kernels
     take q unquantized and quantize it to the same FP8 codes themselves (one launch, not ~12 torch ops)."""
     if q.is_cuda:
-        return _cuda_attention(q, kv, layer, batch, k, v, q_fp8)
+        return _cuda_attention(q, kv, layer, batch, k, v, q_fp8, out)
     pre = [i for i, (ql, kl) in enumerate(zip(batch.q_lens, batch.kv_lens)) if ql == kl > 1] if k is not None else []
     rest = [i for i in range(len(batch.q_lens)) if i not in set(pre)]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if pre:
         prefill_attention_ref(q, k, v, batch, pre, kv.fmt.precision != "bf16", out)
     if rest:
@@ -184,12 +186,13 @@ def _joint(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v, q_fp8: bool) -> torch.Tensor:
+def _cuda_attention(q, kv: PagedKVCache, layer: int, batch: AttnBatch, k, v, q_fp8: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     import kernels
     prec = kv.fmt.precision
     m = _meta(batch, q.device, k is not None)
     hq = q.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     # FireQ's Q8 (w4a8kv4 decodes) and FP8 Q/K (fp8 and w4a8kv4 prompts), per (token, head): quantized once
     # for the step's rows when they are one range and q, k share a buffer, else per kernel
     T = q.shape[0]

@@ -134,10 +134,12 @@ class Attention(nn.Module):
         kv.write(self.layer, slots, k, v)
         return q, k, v
 
-    def attend(self, q, k, v, batch: AttnBatch, kv: PagedKVCache) -> torch.Tensor:
-        """[T, Hq·D]: each sequence's queries over its KV (the step's fresh K/V for whole prompts)."""
+    def attend(self, q, k, v, batch: AttnBatch, kv: PagedKVCache, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, Hq·D]: each sequence's queries over its KV (the step's fresh K/V for whole prompts); into
+        `out` [T, Hq·D] when given."""
         fresh = (k, v) if self.fresh_prefill else (None, None)
-        return paged_attention(q, kv, self.layer, batch, *fresh, q_fp8=self.q_fp8).reshape(-1, self.nh * self.hd)
+        o = None if out is None else out.view(-1, self.nh, self.hd)
+        return paged_attention(q, kv, self.layer, batch, *fresh, q_fp8=self.q_fp8, out=o).reshape(-1, self.nh * self.hd)
 
 
 class MLP(nn.Module):

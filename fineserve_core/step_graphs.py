@@ -129,6 +129,6 @@ class StepGraphs:
         pieces = self.pieces[b]
         pieces[0]()
         for i, layer in enumerate(self.model.layers):
-            self.o[:n].copy_(layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], batch, self.kv))
+            layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], batch, self.kv, out=self.o[:n])
             pieces[i + 1]()
         return self.out[b][:n]
