@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -185,6 +186,12 @@ def gemm_candidates(M: int, epi: int):
         out += [C(BM=bm_, BN=64, SPLIT_K=sk, SWAP_AB=True, asm=True, num_stages=ns, GPI=2)
                 for bm_, sk, ns in ((64, 8, 3), (64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 8, 3))]
         return out + fold + [replace(c, num_stages=3) for c in fold if c.GPI == 1]
+    if M <= 1024:
+        # steps carrying short prompts: 64/128-token tiles on either side of the wgmma, split 1-2
+        tiles = [C(BM=bm, BN=bn, SPLIT_K=sk, SWAP_AB=swap, num_warps=w, num_stages=3, asm=True)
+                 for swap in (True, False) for bm in (64, 128) for bn in ((64, 128) if swap else (64, 128, 256))
+                 for sk in (1, 2) for w in (4, 8)]
+        return [C("two_step")] + tiles
     return [C("two_step"), C(BM=128, BN=128, SWAP_AB=True, num_warps=8, num_stages=3, asm=True)]
 
 
@@ -657,7 +664,8 @@ def summary(res) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fineserve bench-kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="load_tests/results/kernels-h100.json")
+    p.add_argument("--out", help="results JSON (default load_tests/results/kernels-h100.json; with --smoke "
+                                 "a temporary file, so a plumbing check never replaces measured results)")
     p.add_argument("--sections", default="ceilings,gemm,ffn,attn_prefill,attn_decode,misc")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--gemm-m", default=",".join(map(str, GEMM_M)))
@@ -677,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     args.decode_b = [int(v) for v in args.decode_b.split(",")]
     args.decode_ctx = [int(v) for v in args.decode_ctx.split(",")]
     global DEV, PREFILL_B
+    if args.out is None:
+        args.out = (os.path.join(tempfile.mkdtemp(prefix="bench-smoke-"), "kernels-smoke.json") if args.smoke
+                    else "load_tests/results/kernels-h100.json")
     if args.smoke:
         DEV = "cpu"
         MODELS.clear()
