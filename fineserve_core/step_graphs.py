@@ -49,8 +49,9 @@ class StepGraphs:
         self.q = z(max_tokens, cfg.num_heads, cfg.head_dim)
         self.k, self.v = z(max_tokens, cfg.num_kv_heads, cfg.head_dim), z(max_tokens, cfg.num_kv_heads, cfg.head_dim)
         self.res, self.o = z(max_tokens, cfg.hidden_size), z(max_tokens, cfg.num_heads * cfg.head_dim)
-        # per bucket: the pieces, each a graph replay (or, on a CPU, the call itself) and the last one's output
-        self.pieces: dict[int, list[Callable[[], None]]] = {}
+        # per bucket: the pieces, each a graph replay (or, on a CPU, the call itself: the last returns the
+        # hidden states), and the captured last piece's output
+        self.pieces: dict[int, list[Callable[[], torch.Tensor | None]]] = {}
         self.out: dict[int, torch.Tensor] = {}
         self._reset()
 
@@ -81,9 +82,7 @@ class StepGraphs:
         """Every bucket now, at load (one memory pool for all pieces: they never run concurrently)."""
         n = len(self.model.layers) + 1
         if not self.cuda:
-            for b in self.buckets:
-                fns = [self._piece(b, i) for i in range(n)]
-                self.pieces[b] = fns[:-1] + [lambda b=b, last=fns[-1]: self.out.__setitem__(b, last())]
+            self.pieces = {b: [self._piece(b, i) for i in range(n)] for b in self.buckets}
             return
         dev = self.model.device
         pool = torch.cuda.graph_pool_handle()
@@ -130,5 +129,5 @@ class StepGraphs:
         pieces[0]()
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], batch, self.kv, out=self.o[:n])
-            pieces[i + 1]()
-        return self.out[b][:n]
+            last = pieces[i + 1]()
+        return (self.out[b] if last is None else last)[:n]
