@@ -21,6 +21,8 @@ class EngineOverrides(Strict):
     max_model_len: int | None = Field(None, ge=16)
     tokens_per_block: int | None = Field(None, ge=1)
     seed: int = 0
+    cuda_graphs: bool = True                     # decode steps (and, below, prompt steps) replay CUDA graphs
+    graph_max_tokens: int = Field(2048, ge=0)    # prompt steps up to this many tokens: piecewise graphs (0: off)
 
 
 class ModelDeployment(Strict):

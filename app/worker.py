@@ -50,6 +50,7 @@ class ModelWorker:
         ecfg = EngineConfig(model=self.cfg.source or self.cfg.name, precision=self.cfg.precision, dtype=e.dtype,
                             device=device, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                             max_model_len=e.max_model_len, tokens_per_block=e.tokens_per_block, seed=e.seed,
+                            cuda_graphs=e.cuda_graphs, graph_max_tokens=e.graph_max_tokens,
                             scheduler=app_cfg.scheduler_of(self.cfg))
         ray.get(manager.begin_load.remote(self.cfg.tier))       # one model loads on a GPU at a time
         try:

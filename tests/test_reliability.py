@@ -94,6 +94,10 @@ def test_config_rejects_bad_limits():
     m = AppConfig(**ARGS).models[0]
     assert (m.ongoing_limit, m.queued_limit) == (MAX_ONGOING, MAX_QUEUED)
     assert AppConfig(models=[{"name": "m", "engine": {"max_num_seqs": 8}}]).models[0].queued_limit == 32
+    with pytest.raises(ValueError, match="graph_max_tokens"):
+        AppConfig(models=[{"name": "m", "engine": {"graph_max_tokens": -1}}])
+    e = AppConfig(models=[{"name": "m", "engine": {"cuda_graphs": False, "graph_max_tokens": 0}}]).models[0].engine
+    assert (e.cuda_graphs, e.graph_max_tokens) == (False, 0)
 
 
 # ---- the cluster ------------------------------------------------------------------------------------
