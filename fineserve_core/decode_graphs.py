@@ -21,6 +21,25 @@ from fineserve_core.paged_kv import PagedKVCache
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def capture(fns, device, warmups: int = 1, pool=None) -> tuple[list[torch.cuda.CUDAGraph], list]:
+    """A CUDA graph of each of `fns` (run in order) and what each returned while captured. They run
+    `warmups` times first on a side stream, outside any capture: Triton compiles and allocates there."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs, outs = [], []
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outs.append(fn())
+        graphs.append(g)
+    return graphs, outs
+
+
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv: PagedKVCache, max_batch: int, max_blocks: int, pad_block: int):
         self.model, self.kv = model, kv
@@ -57,16 +76,8 @@ class DecodeGraphs:
         def forward():
             return self.model(self.ids[:b], self.pos[:b], batch, self.kv)
         # the padding rows' values are in place for every row here: warm-up and capture write into the
-        # scratch block only (Triton compiles and autotunes in the warm-up, outside the capture)
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = forward()
+        # scratch block only
+        (graph,), (out,) = capture([forward], self.model.device, warmups=2)
         self.graphs[b] = (graph, out)
 
     def capture_all(self) -> None:

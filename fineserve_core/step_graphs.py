@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fineserve_core.attention import AttnBatch
+from fineserve_core.decode_graphs import capture
 from fineserve_core.llama import LlamaModel
 from fineserve_core.paged_kv import PagedKVCache
 
@@ -46,8 +47,10 @@ class StepGraphs:
         self.ids, self.pos, self.slots = self._d64
         z = lambda *shape: torch.zeros(shape, dtype=dt, device=dev)   # noqa: E731
         self.cos, self.sin = z(max_tokens, 1, cfg.head_dim), z(max_tokens, 1, cfg.head_dim)
-        self.q = z(max_tokens, cfg.num_heads, cfg.head_dim)
-        self.k, self.v = z(max_tokens, cfg.num_kv_heads, cfg.head_dim), z(max_tokens, cfg.num_kv_heads, cfg.head_dim)
+        # q and k heads side by side as in the fused projection: attention quantizes both in one launch
+        self.qk = z(max_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        self.q, self.k = self.qk[:, :cfg.num_heads], self.qk[:, cfg.num_heads:]
+        self.v = z(max_tokens, cfg.num_kv_heads, cfg.head_dim)
         self.res, self.o = z(max_tokens, cfg.hidden_size), z(max_tokens, cfg.num_heads * cfg.head_dim)
         # per bucket: the pieces, each a graph replay (or, on a CPU, the call itself: the last returns the
         # hidden states), and the captured last piece's output
@@ -84,23 +87,10 @@ class StepGraphs:
         if not self.cuda:
             self.pieces = {b: [self._piece(b, i) for i in range(n)] for b in self.buckets}
             return
-        dev = self.model.device
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
-            fns = [self._piece(b, i) for i in range(n)]
-            side = torch.cuda.Stream(dev)                 # warm-up: Triton compiles for this M, outside capture
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for fn in fns:
-                    fn()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graphs = []
-            for fn in fns:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = fn()
-                graphs.append(g)
-            self.out[b] = out
+            graphs, outs = capture([self._piece(b, i) for i in range(n)], self.model.device, pool=pool)
+            self.out[b] = outs[-1]
             self.pieces[b] = [g.replay for g in graphs]
         self._reset()
 

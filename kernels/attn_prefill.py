@@ -199,7 +199,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       v_starts: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.bfloat16, BM: int = 128, BN: int = 64,
                       num_warps: int = 8, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of each sequence over itself (into `out` when given, unit stride along D). q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
+    """Causal attention of each sequence over itself (into `out` when given, unit stride along D).
+    q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
     FP8 when q is float8_e4m3fn: then q_scale [T, Hq], k_scale [T, Hkv] (any strides; [Hkv, T]-contiguous
     is the fast one), v_scale [Hkv] (`quant_qk_fp8`, `quant_v_fp8_t`). With `v_starts`, v is the
     token-contiguous FP8 store [Hkv, D, T_pad] of `quant_v_fp8_t`; otherwise v is [T, Hkv, D], any strides."""

@@ -21,9 +21,10 @@ from kernels.gemm_w4a8 import GemmConfig
 # N >= 16384 — gate_up, 448 tiles of 64 rows fill the GPU with less split: 39 vs 45 us at M = 16, 63 vs
 # 74 at M = 64 — , split for a long K >= 8192 — down: 22.5 vs 26.0 us at M = 32).
 # Session 5 (kernels-h100-gemm-sweep-mid.json, M = 128..1024, the token counts of steps carrying short
-# prompts): at M = 128 a 64-token x 128-row swapped tile beats the two-step path on every projection
-# (qkv 26.2 vs 32.2 us, o 25.6 vs 25.4 at split 1 / 19.0 at split 2, gate_up 101.0 vs 130.2, down
-# 47.9 vs 78.7 at split 2: the layer's four 194 vs 267 us); from M = 256 on two-step wins or ties.
+# prompts): at M = 128 a 64-token x 128-row swapped tile beats the two-step path on qkv, gate_up and
+# down and ties on o (qkv 26.2 vs 32.2 us, o 25.6 vs 25.4 at split 1 / 19.0 at split 2, gate_up 101.0
+# vs 130.2, down 47.9 vs 78.7 at split 2: the layer's four 201 vs 267 us, as configured here); from
+# M = 256 on two-step wins or ties.
 GEMM_TABLE: list[tuple[int, GemmConfig, int, int]] = [
     (16, GemmConfig("triton", BM=16, BN=64, SPLIT_K=8, SWAP_AB=True, num_warps=4, num_stages=4, asm=True), 4, 8),
     (32, GemmConfig("triton", BM=32, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=4, asm=True), 4, 8),

@@ -33,12 +33,13 @@ def _timed_steps(eng, n: int) -> float:
     return time.perf_counter() - t
 
 
-def _profile_steps(eng, n: int) -> dict:
-    """Where a decode step's time goes: GPU kernel time vs wall (launch/CPU bound when kernels ≪ wall)."""
+def _profile_steps(run, n: int, label: str) -> dict:
+    """Where a step's time goes over `run(n)` (n steps, returns seconds): GPU kernel time vs wall
+    (launch/CPU bound when kernels ≪ wall)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        sec = _timed_steps(eng, n)
+        sec = run(n)
     ev = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in ev) / n
     top_gpu = sorted(ev, key=lambda e: -e.self_device_time_total)[:12]
@@ -47,8 +48,8 @@ def _profile_steps(eng, n: int) -> dict:
            "launches_per_step": sum(e.count for e in ev if e.self_device_time_total > 0) / n,
            "top_gpu": [(e.key[:60], e.self_device_time_total / n, e.count / n) for e in top_gpu],
            "top_cpu": [(e.key[:60], e.self_cpu_time_total / n, e.count / n) for e in top_cpu]}
-    print(f"  profile: wall {out['wall_ms_per_step']:.1f} ms/step, GPU kernels {out['gpu_kernel_ms_per_step']:.1f} "
-          f"ms/step (busy {out['gpu_busy_ms_per_step']:.1f}, gaps < 20 us {out['short_gaps_ms_per_step']:.1f}, "
+    print(f"  profile {label}: wall {out['wall_ms_per_step']:.1f} ms/step, "
+          f"GPU kernels {out['gpu_kernel_ms_per_step']:.1f} ms/step (busy {out['gpu_busy_ms_per_step']:.1f}, gaps < 20 us {out['short_gaps_ms_per_step']:.1f}, "
           f"longer idle {out['long_idle_ms_per_step']:.1f}), {out['launches_per_step']:.0f} kernels/step", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return out
@@ -96,15 +97,7 @@ def _mixed_steps(eng, B: int, args, gen, V: int) -> dict:
     sec = run(args.decode_steps, "t")
     out = {"prefill_tokens": args.mixed, "step_ms": sec / args.decode_steps * 1e3}
     if args.profile and B in args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        n = 3
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run(n, "p")
-        out.update(_gpu_timeline(prof, n))
-        print(f"  mixed profile B={B}: GPU busy {out['gpu_busy_ms_per_step']:.1f} ms/step, "
-              f"short gaps {out['short_gaps_ms_per_step']:.1f}, longer idle {out['long_idle_ms_per_step']:.1f}",
-              flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+        out.update(_profile_steps(lambda n: run(n, "p"), 3, f"mixed B={B}"))
     return out
 
 
@@ -158,7 +151,7 @@ def bench_precision(model: str, precision: str, args) -> dict:
         _timed_steps(eng, args.warmup_steps)
         sec = _timed_steps(eng, args.decode_steps)
         if args.profile and B in args.profile:
-            res.setdefault("decode_profile", {})[B] = _profile_steps(eng, 3)
+            res.setdefault("decode_profile", {})[B] = _profile_steps(lambda n: _timed_steps(eng, n), 3, f"B={B}")
         assert all(len(s.output_ids) >= args.warmup_steps + args.decode_steps for s in seqs)
         row = {"batch": B, "context": args.ctx, "steps": args.decode_steps, "step_ms": sec / args.decode_steps * 1e3,
                "tok_per_s": B * args.decode_steps / sec}
