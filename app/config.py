@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fineserve_core.config import Precision, Strict
+from fineserve_core.kv_slab import SERVE_SLAB_POLICY
 
 
 class SLO(Strict):
@@ -106,9 +107,10 @@ class AppConfig(Strict):
     #   static     StaticPartitionAllocator, regions ∝ rate x KV bytes/token (MuxServe/vLLM-like) + FCFS
     #   prism      one shared pool of precision-unaware 2 MiB pages (padded slabs) + Prism's queue
     policy: Literal["fineserve", "static", "prism"] = "fineserve"
-    # the KV Slab variant under policy fineserve: "faithful" is FineServe's (slabs of 2 x lcm of the block
-    # sizes); the others are the measured alternatives of `fineserve_core.kv_slab.SLAB_POLICIES`
-    slab_policy: str = "faithful"
+    # the KV Slab variant under policy fineserve (`fineserve_core.kv_slab.SLAB_POLICIES`): by default
+    # FineServe's slabs over power-of-two blocks, INT4 KV scales in slots of their own (SERVE_SLAB_POLICY);
+    # "faithful" is FineServe's code (slabs of 2 x lcm of the block sizes, scales inside the blocks)
+    slab_policy: str = SERVE_SLAB_POLICY
     ingress: IngressOptions = IngressOptions()
     # a request naming the logical model goes to its best tier; "overflow": when that tier's replica
     # predicts a TTFT SLO miss (SAAB's linear model), the next tier serves it instead of the queue

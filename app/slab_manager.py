@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from fineserve_core.kv_slab import KVOutOfMemory, KVSlabManager, ModelKVSpec, StaticPartitionAllocator
+from fineserve_core.kv_slab import (SERVE_SLAB_POLICY, KVOutOfMemory, KVSlabManager, ModelKVSpec,
+                                    StaticPartitionAllocator)
 
 log = logging.getLogger("ray.serve")
 LOAD_TIMEOUT_S = 900
@@ -23,12 +24,12 @@ REAP_PERIOD_S = 2.0      # how often the manager looks for dead replicas still h
 PRISM_PAGE_BYTES = 2 << 20   # Prism's elastic KV: one shared pool of 2 MiB pages whatever the precision
 
 
-def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec], slab_policy: str = "faithful"):
+def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec], slab_policy: str):
     """The GPU's KV allocator under an app `policy` (AppConfig.policy): the baselines differ only here
     and in the local queue policy. `slab_policy`: the KV Slab variant of policy fineserve."""
     if policy == "fineserve":
         try:
-            return KVSlabManager(buf, specs, policy=slab_policy)    # faithful: slabs of 2 x lcm(block sizes)
+            return KVSlabManager(buf, specs, policy=slab_policy)
         except ValueError as e:
             # 2 x lcm of several formats' block sizes can be tens of MB per layer: too coarse for a small
             # buffer. Then FineServe's sizing with padding at slab edges (as the simulator falls back)
@@ -46,7 +47,7 @@ class GpuSlabManager:
     """Run as a threaded actor (max_concurrency > 1): `begin_load` waits while another model loads."""
 
     def __init__(self, gpu: int, specs: list[ModelKVSpec], kv_bytes: int, device: str, policy: str = "fineserve",
-                 slab_policy: str = "faithful"):
+                 slab_policy: str = SERVE_SLAB_POLICY):
         self.gpu, self.device = gpu, torch.device(device)
         self._path = None
         self._loading: tuple[str, float] | None = None
@@ -106,9 +107,12 @@ class GpuSlabManager:
             return ("cuda", reduce_tensor(self.buffer))
         return ("file", self._path, self.buffer.numel())
 
-    def region(self, model_id: str) -> tuple[tuple, tuple, int]:
-        """(shape, stride, byte offset) of the model's region inside the buffer."""
-        r = self.alloc_impl.kv_region(model_id)
+    def region(self, model_id: str, scales: bool = False) -> tuple[tuple, tuple, int] | None:
+        """(shape, stride, byte offset) of the model's KV region (or of its scale region: None when its
+        scales live inside its blocks) inside the buffer."""
+        r = (self.alloc_impl.kv_scale_region if scales else self.alloc_impl.kv_region)(model_id)
+        if r is None:
+            return None
         return tuple(r.shape), tuple(r.stride()), r.storage_offset() - self.buffer.storage_offset()
 
     def spec(self, model_id: str) -> ModelKVSpec:
@@ -277,7 +281,14 @@ class RemoteAllocator:
         return self._specs[model_id]
 
     def kv_region(self, model_id: str) -> torch.Tensor:
-        shape, stride, offset = self._get(self.actor.region.remote(model_id))
+        return self._view(self._get(self.actor.region.remote(model_id)))
+
+    def kv_scale_region(self, model_id: str) -> torch.Tensor | None:
+        r = self._get(self.actor.region.remote(model_id, scales=True))
+        return None if r is None else self._view(r)
+
+    def _view(self, region: tuple[tuple, tuple, int]) -> torch.Tensor:
+        shape, stride, offset = region
         return self.buffer.as_strided(shape, stride, self.buffer.storage_offset() + offset)
 
     def alloc(self, model_id: str, n: int) -> list[int]:

@@ -65,7 +65,7 @@ class Engine:
             allocator = KVSlabManager(torch.empty(self._private_kv_bytes(), dtype=torch.uint8, device=self.device),
                                       [self.kv_spec()])
         self.allocator = allocator
-        self.kv = PagedKVCache(self.fmt, allocator.kv_region(self.model_id))
+        self.kv = PagedKVCache(self.fmt, allocator.kv_region(self.model_id), allocator.kv_scale_region(self.model_id))
         self.blocks = BlockCache(allocator, self.model_id)
         # the pool's capacity is fixed: asked once, since every call is a Ray round trip to the GPU's
         # slab manager when the allocator is remote (it was on each request's path)
@@ -87,8 +87,8 @@ class Engine:
                 self.step_graphs.capture_all()
 
     def kv_spec(self, rate: float = 1.0) -> ModelKVSpec:
-        return ModelKVSpec(self.model_id, self.source.config.num_layers, self.fmt.block_bytes,
-                           self.fmt.tokens_per_block, self.cfg.precision, rate, self.cfg.max_num_batched_tokens)
+        return ModelKVSpec.from_format(self.model_id, self.fmt, self.source.config.num_layers, rate,
+                                       self.cfg.max_num_batched_tokens)
 
     def _private_kv_bytes(self) -> int:
         if self.cfg.kv_cache_bytes:

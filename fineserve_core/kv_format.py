@@ -58,18 +58,31 @@ class KVFormat:
         """KV bytes one token costs across all layers, K and V."""
         return 2 * num_layers * self.block_bytes // self.tokens_per_block
 
-    def views(self, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split a uint8 region of whole blocks [num_blocks * block_bytes] into typed block views.
+    def views(self, region: torch.Tensor, scales: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split a uint8 region of whole blocks into typed block views.
 
-        Returns (data [nb, H, T, D or D/2], scale [nb, H, T] or None); both alias `region`.
+        `scales`: where the allocator keeps this format's scale areas out of the blocks (a KV Slab policy
+        with split scales), the same layer's uint8 scale region, one slot per block id. The region's
+        blocks are then `data_bytes` long. Returns (data [nb, H, T, D or D/2], scale [nb, H, T] or None);
+        both alias the inputs.
         """
-        nb = region.numel() // self.block_bytes
-        blocks = region[: nb * self.block_bytes].view(nb, self.block_bytes)
+        split = scales is not None and self.scale_bytes > 0
+        stride = self.data_bytes if split else self.block_bytes
+        nb = region.numel() // stride
+        blocks = region[: nb * stride].view(nb, stride)
         H, T, D = self.num_kv_heads, self.tokens_per_block, self.head_dim
         if self.precision == "bf16":
             return blocks.view(self.dtype).view(nb, H, T, D), None
         if self.precision == "fp8":
             return blocks.view(torch.float8_e4m3fn).view(nb, H, T, D), None
         data = blocks[:, : self.data_bytes].view(nb, H, T, D // 2)
-        scale = blocks[:, self.data_bytes:].view(torch.float8_e4m3fn).view(nb, H, T)
-        return data, scale
+        if split:
+            slot = scales.numel() // nb          # a slot may be wider than ours (shared by formats)
+            if slot < self.scale_bytes:
+                raise ValueError(f"scale region of {scales.numel()} B has no {self.scale_bytes}-byte slot "
+                                 f"for each of the {nb} blocks")
+            area = scales[: nb * slot].view(nb, slot)[:, : self.scale_bytes]
+        else:
+            area = blocks[:, self.data_bytes:]
+        return data, area.view(torch.float8_e4m3fn).view(nb, H, T)

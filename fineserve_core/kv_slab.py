@@ -12,14 +12,15 @@ n slabs is the byte range `[L, 2, n * slab_size]` of the buffer: layer l's K is 
 `b` reserves offset `b * block_bytes` in all of them, and a paged-attention kernel sees the usual
 `[num_blocks, block_bytes]` array per layer.
 
-Slab policies (`KVSlabManager(..., policy=...)`, `SLAB_POLICIES`): "faithful" (the default) is
+Slab policies (`KVSlabManager(..., policy=...)`, `SLAB_POLICIES`): "faithful" (the class default) is
 FineServe's code. The others are measured alternatives (load_tests/kv_fragmentation.py): 2 lcm of
 FineServe's block sizes is large (w4a8kv4 blocks carry their scales, 6336 B next to 12288 B gives an
 811 KB slab per layer for SmolLM2, ~17 MB for an 8B-class GPU), every slab then holds blocks of
 dozens of sequences and stays pinned to its format while any of them lives. "padded_wholeslab"
 (slabs of a few blocks, w4a8kv4 blocks straddling slab edges left unused, prompts take whole slabs;
-block layout unchanged) and "split_scale_fine" (w4a8kv4 scales in a separate reserved region: needs a
-layout change, so kv_region refuses it) cut the waste under shifting load by 2-3x.
+block layout unchanged) and "split_scale_fine" (w4a8kv4 scales in a region of their own, one slot per
+block id, `kv_scale_region`; slabs of 1 lcm of the power-of-two data blocks; prompts take whole slabs)
+cut the waste under shifting load by 2-3x. The app serves with SERVE_SLAB_POLICY.
 
 Also here: `StaticPartitionAllocator` (the vLLM/MuxServe baseline: a fixed region per model),
 `BlockCache` (the engine-side block cache, FineServe's ElasticBlockPool) and the fragmentation metric
@@ -451,6 +452,7 @@ class KVAllocator(Protocol):
     def model_ids(self) -> tuple[str, ...]: ...
     def spec(self, model_id: str) -> ModelKVSpec: ...
     def kv_region(self, model_id: str) -> torch.Tensor: ...
+    def kv_scale_region(self, model_id: str) -> torch.Tensor | None: ...
     def alloc(self, model_id: str, n: int) -> list[int]: ...
     def free(self, model_id: str, ids: Iterable[int]) -> None: ...
     def num_free_blocks(self, model_id: str) -> int: ...
@@ -549,9 +551,9 @@ class SlabPolicy:
     affinity          alloc(..., near=block) fills near's slab first (a sequence's blocks share slabs).
     whole_slabs_first an alloc of at least a slab's worth of blocks (a prompt) takes whole free slabs
                       before filling partial ones, so those slabs drain when the sequence ends.
-    split_scales      STUDY ONLY, needs a block-layout change (kv_region raises for such a format): a
-                      format's scale area (ModelKVSpec.scale_bytes) lives in a per-pool scale region
-                      reserved up front (one slot per possible block id), so slabs hold the data part
+    split_scales      a format's scale area (ModelKVSpec.scale_bytes) lives in a per-pool scale region
+                      reserved up front (one slot per possible block id, `kv_scale_region`; the kernels
+                      take data and scale views with their own strides), so slabs hold the data part
                       only (power-of-two sizes, a much smaller lcm). Reserved slots not backing an
                       allocated block count as overhead.
     """
@@ -584,6 +586,11 @@ SLAB_POLICIES: dict[str, SlabPolicy] = {p.name: p for p in (
     SlabPolicy("split_scale", split_scales=True),
     SlabPolicy("split_scale_fine", split_scales=True, slab_factor=1, whole_slabs_first=True),
 )}
+
+
+#: What the app serves with under policy fineserve (AppConfig.slab_policy): the layout that wasted least
+#: on most traces of load_tests/kv_fragmentation.py.
+SERVE_SLAB_POLICY = "split_scale_fine"
 
 
 def padded_slab_size(formats: Sequence[int], exact: Sequence[int], min_blocks: int) -> int:
@@ -740,26 +747,18 @@ class KVSlabManager:
 
     # --- the engine API ---
     def kv_region(self, model_id: str) -> torch.Tensor:
-        """uint8 view [num_layers, 2, num_slabs * slab_size] of the model's pool; K = [:, 0], V = [:, 1]."""
-        s, _ = self._pool(model_id)
-        if self._split(model_id):
-            raise NotImplementedError(
-                f"model {model_id!r}: slab policy {self.policy.name!r} keeps {s.precision}'s scale area out of "
-                f"its blocks, which KVFormat.views and the kernels cannot read yet (study option; see "
-                f"kv_data_region / kv_scale_region)")
-        return self.kv_data_region(model_id)
-
-    def kv_data_region(self, model_id: str) -> torch.Tensor:
-        """kv_region without the split-scale check: blocks of table_format(model_id) bytes."""
+        """uint8 view [num_layers, 2, num_slabs * slab_size] of the model's pool; K = [:, 0], V = [:, 1].
+        Its blocks are table_format(model_id) bytes: the data part only when the scales are split off."""
         _, p = self._pool(model_id)
         return self.buffer[p.offset: p.offset + p.nbytes(self.slab_size)].view(
             p.num_layers, 2, p.num_slabs * self.slab_size)
 
-    def kv_scale_region(self, model_id: str) -> torch.Tensor:
-        """split_scales: uint8 view [num_layers, 2, num_ids * scale_bytes]; block b's scales at b * scale_bytes."""
+    def kv_scale_region(self, model_id: str) -> torch.Tensor | None:
+        """Split scales: uint8 view [num_layers, 2, num_ids * slot] of the model's scale slots (block b's
+        at b * slot); None when its scales live inside its blocks."""
         s, p = self._pool(model_id)
         if not self._split(model_id):
-            raise ValueError(f"model {model_id!r} keeps its scales inside its blocks")
+            return None
         k = self._fmt[model_id]
         off = p.scale_offset
         for k2, sb in sorted(p.scale_slot.items()):
@@ -953,6 +952,10 @@ class StaticPartitionAllocator:
         r = self._region(model_id)
         s = r.spec
         return self.buffer[r.offset: r.offset + r.nbytes].view(s.num_layers, 2, r.num_blocks * s.block_bytes)
+
+    def kv_scale_region(self, model_id: str) -> None:
+        """A static region keeps every block whole, scales included (vLLM's layout)."""
+        self._region(model_id)
 
     def alloc(self, model_id: str, n: int, near: int | None = None) -> list[int]:
         """n block ids of the model's region (`near` is accepted for KVSlabManager parity, unused)."""

@@ -7,11 +7,12 @@ from fineserve_core.kv_format import KVFormat
 
 
 class PagedKVCache:
-    def __init__(self, fmt: KVFormat, region: torch.Tensor):
-        """`region` is the allocator's uint8 view [num_layers, 2, bytes]: K at [:, 0], V at [:, 1]."""
+    def __init__(self, fmt: KVFormat, region: torch.Tensor, scales: torch.Tensor | None = None):
+        """`region` is the allocator's uint8 view [num_layers, 2, bytes]: K at [:, 0], V at [:, 1];
+        `scales` the same for the scale areas when the allocator keeps them out of the blocks."""
         self.fmt = fmt
-        self.k = [fmt.views(region[layer, 0]) for layer in range(region.shape[0])]
-        self.v = [fmt.views(region[layer, 1]) for layer in range(region.shape[0])]
+        self.k, self.v = ([fmt.views(region[layer, kv], None if scales is None else scales[layer, kv])
+                           for layer in range(region.shape[0])] for kv in (0, 1))
         self._slots: torch.Tensor | None = None     # the step's slot mapping of `_offsets` (CPU write)
         self._offsets: tuple[torch.Tensor, torch.Tensor] | None = None
 

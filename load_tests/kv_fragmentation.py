@@ -162,9 +162,10 @@ ALLOCATORS: list[AllocatorSpec] = [
     _slab("padded", "slab = smallest multiple of lcm(bf16, fp8 blocks) holding 4 w4a8kv4 blocks; "
                     "w4a8kv4 blocks straddling slab edges are padding; block layout unchanged"),
     _slab("padded_wholeslab", "padded + a prompt of >= one slab takes whole free slabs first"),
-    _slab("split_scale", "STUDY (needs a layout change): w4a8kv4 scales in a reserved per-pool region, "
+    _slab("split_scale", "w4a8kv4 scales in a reserved per-pool region (a slot per block id), "
                          "slabs hold data only, slab = 2 lcm(data blocks)"),
-    _slab("split_scale_fine", "STUDY: split_scale with slab = 1 lcm(data blocks) + whole slabs first"),
+    _slab("split_scale_fine", "split_scale with slab = 1 lcm(data blocks) + whole slabs first "
+                              "(the app's default, kv_slab.SERVE_SLAB_POLICY)"),
     AllocatorSpec("ideal", "ideal", description="reference: any free byte usable by any model (slack only)"),
 ]
 

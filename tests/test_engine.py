@@ -102,6 +102,25 @@ def test_two_models_share_one_kv_slab_buffer(prompts, hf_outputs):
     assert all(v == 0 for v in _allocated(mgr).values())
 
 
+def test_split_scale_kv_slab_gives_the_same_tokens(prompts):
+    """w4a8kv4 with its KV scales out of the blocks (slab policy split_scale, sharing the buffer with a
+    bf16 model) generates what the inline block layout generates."""
+    cfg = EngineConfig(model="smollm2-135m", precision="w4a8kv4", dtype="float32", device="cpu")
+    inline = Engine(cfg, model_id="w4")
+    want = [o["token_ids"] for o in inline.generate(prompts[:3], GREEDY)]
+    spec = inline.kv_spec()
+    inline.close()
+    bf16 = KVFormat.for_model("bf16", 3, 64, torch.float32)
+    from fineserve_core.kv_slab import ModelKVSpec
+    mgr = KVSlabManager(torch.zeros(128 << 20, dtype=torch.uint8),
+                        [spec, ModelKVSpec.from_format("bf16", bf16, spec.num_layers)], policy="split_scale")
+    assert mgr.kv_scale_region("w4") is not None
+    split = Engine(cfg, allocator=mgr, model_id="w4")
+    assert [o["token_ids"] for o in split.generate(prompts[:3], GREEDY)] == want
+    assert mgr.kv_scale_region("w4").count_nonzero() > 0          # the scales went to their own region
+    split.close()
+
+
 def _allocated(mgr) -> dict:
     return {m: mgr.num_blocks(m) - mgr.num_free_blocks(m) for m in ("a", "b")}
 

@@ -268,13 +268,27 @@ def test_fp8_gemm(gen):
 
 # ---------------------------------------------------------------------------------------------------- KV write
 
-@pytest.mark.parametrize("precision", ["w4a8kv4", "fp8", "bf16"])
+def _kv_layout(gen, fmt, nb, split):
+    """Random bytes for one layer's K and V: blocks with their scales inside, or (split=True, a KV Slab
+    policy with split scales) data-only blocks plus a scale region whose slots are wider than needed."""
+    if not split:
+        return torch.randint(0, 256, (2, nb * fmt.block_bytes), dtype=torch.uint8, generator=gen).to(DEV), None
+    region = torch.randint(0, 256, (2, nb * fmt.data_bytes), dtype=torch.uint8, generator=gen).to(DEV)
+    return region, torch.randint(0, 256, (2, nb * (fmt.scale_bytes + 16)), dtype=torch.uint8, generator=gen).to(DEV)
+
+
+def _layer_views(fmt, region, scales):
+    return tuple(fmt.views(region[i], None if scales is None else scales[i]) for i in (0, 1))
+
+
+@pytest.mark.parametrize("precision,split", [("w4a8kv4", False), ("w4a8kv4", True), ("fp8", False),
+                                             ("bf16", False)])
 @pytest.mark.parametrize("views", [False, True], ids=["contiguous", "qkv_views"])
-def test_kv_write_exact(gen, precision, views):
+def test_kv_write_exact(gen, precision, split, views):
     H, D, T, nb, n = 3, 64, 16, 6, 21
     fmt = KVFormat.for_model(precision, H, D, torch.bfloat16, T)
-    region = torch.randint(0, 256, (2, nb * fmt.block_bytes), dtype=torch.uint8, generator=gen).to(DEV)
-    region_ref = region.clone()
+    region, scales = _kv_layout(gen, fmt, nb, split)
+    region_ref, scales_ref = region.clone().cpu(), None if scales is None else scales.clone().cpu()
     if views:   # as `llama.Attention` passes them: k a head slice of the rotated q|k, v a slice of fused qkv
         k = rnd(gen, n, 3 * H, D, scale=3.0)[:, 2 * H:]
         v = rnd(gen, n, 4 * H * D)[:, 3 * H * D:].view(n, H, D)
@@ -284,31 +298,33 @@ def test_kv_write_exact(gen, precision, views):
     k[0, 1] *= 1e-4                                                     # a tiny head: floored scale
     slots = torch.randperm(nb * T, generator=gen)[:n].to(DEV)
     slots[4] = -1                                                       # padding slot: skipped
-    kw.kv_write(k, v, slots, fmt.views(region[0]), fmt.views(region[1]), precision)
-    region_ref = region_ref.cpu()
-    kw.kv_write_ref(k.cpu(), v.cpu(), slots.cpu(), fmt.views(region_ref[0]), fmt.views(region_ref[1]), precision)
+    kw.kv_write(k, v, slots, *_layer_views(fmt, region, scales), precision)
+    kw.kv_write_ref(k.cpu(), v.cpu(), slots.cpu(), *_layer_views(fmt, region_ref, scales_ref), precision)
     assert torch.equal(region.cpu(), region_ref), f"seed {gen.initial_seed()}"
+    if split:
+        assert torch.equal(scales.cpu(), scales_ref), f"seed {gen.initial_seed()}"
 
 
 # ---------------------------------------------------------------------------------------------------- decode attention
 
-def _filled_cache(gen, precision, H, D, T, nb):
+def _filled_cache(gen, precision, H, D, T, nb, split=False):
     fmt = KVFormat.for_model(precision, H, D, torch.bfloat16, T)
-    region = torch.randint(0, 256, (2, nb * fmt.block_bytes), dtype=torch.uint8, generator=gen).to(DEV)
-    kc_, vc_ = fmt.views(region[0]), fmt.views(region[1])
+    region, scales = _kv_layout(gen, fmt, nb, split)
+    kc_, vc_ = _layer_views(fmt, region, scales)
     ntok = nb * T
     kw.kv_write_ref(rnd(gen, ntok, H, D, scale=2.0), rnd(gen, ntok, H, D), torch.arange(ntok, device=DEV),
                     kc_, vc_, precision)
     return region, kc_, vc_
 
 
-@pytest.mark.parametrize("precision,q_fp8", [("w4a8kv4", True), ("w4a8kv4", False), ("fp8", True),
-                                             ("fp8", False), ("bf16", False)])
+@pytest.mark.parametrize("precision,q_fp8,split", [("w4a8kv4", True, False), ("w4a8kv4", False, False),
+                                                   ("w4a8kv4", True, True), ("fp8", True, False),
+                                                   ("fp8", False, False), ("bf16", False, False)])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("asm", [True, False] if CUDA else [True], ids=lambda a: "asm" if a else "twin")
-def test_paged_decode_attention(gen, precision, q_fp8, splits, asm):
+def test_paged_decode_attention(gen, precision, q_fp8, split, splits, asm):
     B, HQ, HKV, D, T, nb = 3, 8, 2, 64, 16, 40
-    _, kc_, vc_ = _filled_cache(gen, precision, HKV, D, T, nb)
+    _, kc_, vc_ = _filled_cache(gen, precision, HKV, D, T, nb, split)
     lens = torch.tensor([37, 5, 100], dtype=torch.int32)
     bt = torch.randperm(nb, generator=gen)[:3 * 13].view(3, 13).int()
     q = rnd(gen, B, HQ, D)

@@ -55,12 +55,13 @@ def check_no_overlap(a: KVAllocator, owned: dict[str, list[int]]) -> None:
     bb = {m: a.table_format(m) if slab else a.spec(m).block_bytes for m in a.model_ids}   # bytes in the region
     scale_spans = set()
     for m in a.model_ids:
-        t = a.kv_data_region(m) if slab else a.kv_region(m)
+        t = a.kv_region(m)
         assert t.dtype == torch.uint8 and t.dim() == 3 and t.shape[1] == 2
         assert t.shape[0] == a.spec(m).num_layers
         groups.setdefault((t.data_ptr(), tuple(t.shape)), []).append(m)
-        if slab and bb[m] != a.spec(m).block_bytes:                  # split scales: a region of its own
-            sr = a.kv_scale_region(m)
+        sr = a.kv_scale_region(m)
+        assert (sr is not None) == (slab and bb[m] != a.spec(m).block_bytes)   # split scales: own region
+        if sr is not None:
             assert sr.shape == (a.spec(m).num_layers, 2, a.pool_table(a.spec(m).num_layers).num_ids(bb[m])
                                 * a.spec(m).scale_bytes)
             scale_spans.add((sr.data_ptr(), sr.data_ptr() + sr.numel()))
@@ -613,17 +614,46 @@ def test_padded_slab_keeps_block_offsets():
     assert t.carved_padding == 0 and len(t.free_slabs) == t.num_slabs
 
 
-def test_split_scale_layout_is_a_study_option():
-    a = KVSlabManager(units(3 * 30), smol_specs(), policy="split_scale")
-    m = "smol-w4a8kv4"
-    assert a.table_format(m) == FMTS["w4a8kv4"].data_bytes == BB["fp8"]    # shares fp8's 6144 B format
-    assert a.slab_size == 2 * 12288
-    with pytest.raises(NotImplementedError, match="scale"):
-        a.kv_region(m)
+def test_split_scale_layout():
+    """split_scale: w4a8kv4 blocks hold their data only (6144 B, fp8's format), their FP8 scales sit in a
+    slot per block id of a region of their own; views, the paged cache's write and gather see the same
+    values as with scales inside the blocks, and a write touches exactly the block and its slot."""
+    from fineserve_core.paged_kv import PagedKVCache
+    buf = units(3 * 30, device="cpu")
+    buf.zero_()
+    a = KVSlabManager(buf, smol_specs(), policy="split_scale")
+    m, fmt = "smol-w4a8kv4", FMTS["w4a8kv4"]
+    assert a.table_format(m) == fmt.data_bytes == BB["fp8"]               # shares fp8's 6144 B format
+    assert a.slab_size == 2 * 12288 and a.kv_scale_region("smol-bf16") is None
     sr = a.kv_scale_region(m)
     n_ids = a.pool_table(30).num_ids(6144)
-    assert sr.shape == (30, 2, n_ids * FMTS["w4a8kv4"].scale_bytes)
+    assert sr.shape == (30, 2, n_ids * fmt.scale_bytes)
+    kv = PagedKVCache(fmt, a.kv_region(m), sr)
+    assert kv.k[0][0].shape[0] == kv.k[0][1].shape[0] == n_ids
+    ids = a.alloc(m, 3)
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 5, 3, 64).unbind(0)
+    slots = torch.tensor([ids[1] * 64 + t for t in (0, 1, 2, 63)] + [ids[2] * 64 + 5])
+    kv.write(4, slots, k, v)
+    written = buf.nonzero().flatten()
+    base = buf.data_ptr()
+    allowed = set()
+    for r, size in ((a.kv_region(m)[4], fmt.data_bytes), (sr[4], fmt.scale_bytes)):
+        for kv_i in (0, 1):
+            for b in ids[1:]:
+                start = r[kv_i].data_ptr() - base + b * size
+                allowed.update(range(start, start + size))
+    assert written.numel() > 0 and set(written.tolist()) <= allowed
+    inline_region = torch.zeros(30, 2, n_ids * fmt.block_bytes, dtype=torch.uint8)
+    inline = PagedKVCache(fmt, inline_region)
+    inline.write(4, slots, k, v)
+    for x, y in zip(kv.gather(4, ids, 3 * 64), inline.gather(4, ids, 3 * 64)):
+        assert torch.equal(x, y)
+    blocks = inline_region.view(30, 2, n_ids, fmt.block_bytes)[4, :, :, fmt.data_bytes:]
+    slots_bytes = sr[4].view(2, n_ids, fmt.scale_bytes)
+    assert slots_bytes[:, ids[1:]].count_nonzero() > 0 and torch.equal(slots_bytes, blocks)
     # reserved scale slots not backing an allocated w4a8kv4 block are overhead
+    a.free(m, ids)
     ids = a.alloc(m, 10)
     a.alloc("smol-fp8", 3)
     r = a.fragmentation({m: 640}, "smol-bf16")

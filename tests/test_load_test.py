@@ -10,7 +10,7 @@ import yaml
 from app.config import AppConfig
 from app.slab_manager import PRISM_PAGE_BYTES, make_allocator
 from fineserve_core.cli import main as cli
-from fineserve_core.kv_slab import KVSlabManager, StaticPartitionAllocator
+from fineserve_core.kv_slab import SERVE_SLAB_POLICY, KVSlabManager, StaticPartitionAllocator
 from fineserve_core.scheduler import PrismScheduler, Scheduler
 from load_tests.client import STATUSES, check_loopback
 from load_tests.report import combine
@@ -31,11 +31,11 @@ def test_policy_selects_allocator_and_queue(dev_args):
     assert [cfgs[p].scheduler_of(m) for p in cfgs] == ["saab", "fcfs", "prism"]
     specs = [model_kv_spec(cfgs["fineserve"], x, False) for x in cfgs["fineserve"].models]
     buf = lambda: torch.empty(dev_args["kv_cache_bytes"], dtype=torch.uint8, device="meta")   # noqa: E731
-    fs, st, pr = (make_allocator(p, buf(), specs) for p in ("fineserve", "static", "prism"))
+    fs, st, pr = (make_allocator(p, buf(), specs, cfgs[p].slab_policy) for p in ("fineserve", "static", "prism"))
     assert isinstance(fs, KVSlabManager) and isinstance(st, StaticPartitionAllocator)
     assert pr.slab_size == PRISM_PAGE_BYTES and fs.slab_size != PRISM_PAGE_BYTES
     with pytest.raises(ValueError, match="unknown KV policy"):
-        make_allocator("nope", buf(), specs)
+        make_allocator("nope", buf(), specs, "faithful")
     with pytest.raises(ValueError):
         AppConfig(**{**dev_args, "policy": "vllm"})
 
@@ -96,19 +96,23 @@ def test_load_test_dev_config_end_to_end(tmp_path, dev_args):
 
 
 def test_fineserve_slabs_fall_back_to_padded_when_too_coarse():
-    """The e2e mix (4 block sizes) makes 2 x lcm slabs 85 MB per layer: a 16 GiB buffer cannot hold every
-    pool's minimum, so FineServe's sizing with padded slab edges is used instead of failing."""
+    """The e2e mix (4 block sizes) makes faithful 2 x lcm slabs 85 MB per layer: a 16 GiB buffer cannot
+    hold every pool's minimum, so FineServe's sizing with padded slab edges is used instead of failing.
+    The serving default keeps the INT4 scales out of the blocks: slabs of lcm(data blocks) = 640 KiB."""
     from app.controller import model_kv_spec
     from app.launch import load_serve_config
     raw = load_serve_config(os.path.join(os.path.dirname(DEV), "e2e-h100.yaml"))
     cfg = AppConfig(**raw["applications"][0]["args"])
     specs = [model_kv_spec(cfg, m, True) for m in cfg.models]
     meta = lambda gib: torch.empty(gib << 30, dtype=torch.uint8, device="meta")   # noqa: E731
-    assert make_allocator("fineserve", meta(29), specs).policy.name == "faithful"
+    assert cfg.slab_policy == SERVE_SLAB_POLICY
+    served = make_allocator("fineserve", meta(16), specs, cfg.slab_policy)
+    assert served.policy.name == SERVE_SLAB_POLICY and served.slab_size == 640 << 10
+    assert make_allocator("fineserve", meta(29), specs, "faithful").policy.name == "faithful"
     assert make_allocator("fineserve", meta(29), specs, "padded_wholeslab").policy.name == "padded_wholeslab"
     with pytest.raises(ValueError, match="unknown slab_policy 'nope'"):
         AppConfig(**{**raw["applications"][0]["args"], "slab_policy": "nope"})
     with pytest.raises(ValueError, match="too small"):
         KVSlabManager(meta(16), specs)
-    a = make_allocator("fineserve", meta(16), specs)
+    a = make_allocator("fineserve", meta(16), specs, "faithful")
     assert a.policy.name == "padded" and all(a.num_blocks(s.model_id) > 0 for s in specs)
