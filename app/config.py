@@ -103,7 +103,7 @@ class AppConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     namespace: str = "fineserve"
     # KV memory + local queue policy of every GPU (the baselines run on the same engine and kernels):
-    #   fineserve  KV Slab (faithful slabs) + each model's `scheduler` (SAAB by default)
+    #   fineserve  KV Slab (`slab_policy`) + each model's `scheduler` (SAAB by default)
     #   static     StaticPartitionAllocator, regions ∝ rate x KV bytes/token (MuxServe/vLLM-like) + FCFS
     #   prism      one shared pool of precision-unaware 2 MiB pages (padded slabs) + Prism's queue
     policy: Literal["fineserve", "static", "prism"] = "fineserve"

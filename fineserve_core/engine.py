@@ -85,6 +85,8 @@ class Engine:
                 self.step_graphs = StepGraphs(self.model, self.kv,
                                               min(cfg.graph_max_tokens, cfg.max_num_batched_tokens), pad)
                 self.step_graphs.capture_all()
+        if self.device.type == "cuda":
+            self._warm_up()
 
     def kv_spec(self, rate: float = 1.0) -> ModelKVSpec:
         return ModelKVSpec.from_format(self.model_id, self.fmt, self.source.config.num_layers, rate,
@@ -214,6 +216,22 @@ class Engine:
         seq.finish_reason, seq.finish_time = "dropped", time.monotonic()
         self.seqs.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, [], "", True, "dropped", len(seq.prompt_ids), 0, seq.metrics())
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Run the step kinds a server meets once at load (a prompt alone; a prompt beside a decode over a
+        one-block context, then over a multi-block one, whose decode attention splits), so that every
+        Triton kernel variant is compiled, or loaded from Triton's disk cache, here and not inside a live
+        request's step (≈ 1.5 s per compile on the H100, `engine_speed --mixed`'s JIT log)."""
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        T = self.fmt.tokens_per_block
+        longest = min(self.max_model_len, (self.kv_capacity - 2) // 2 * T) - params.max_tokens
+        for n in (3, min(2 * T + 5, longest)):
+            self.add_request(f"__warm-up-{n}-a", [1] * n, params)
+            self.step()
+            self.add_request(f"__warm-up-{n}-b", [1] * n, params)
+            while self.has_unfinished():
+                self.step()
 
     @torch.inference_mode()
     def measure_ttft_per_token(self, num_tokens: int = 256) -> float:

@@ -43,8 +43,8 @@ Deviations from FineServe's code, on purpose (each found on the 32-GPU scenario)
     + activation workspace, which left KV buffers negative); rate/dp is a true division (FineServe's
     `rate // dp` floors to 0 for rates below dp).
   * KV layout check (fineserve and prism): a GPU takes a replica only if its KV buffer (usable memory
-    - reserved) still holds the KV layout its allocator builds (`slab_layout`: FineServe's 2 x lcm
-    slabs, else padded slabs; Prism's 2 MiB pages) with one prefill batch (min_kv_tokens) reserved per
+    - reserved) still holds the KV layout its allocator builds (`slab_layout`: the app's KV Slab
+    layout, else padded slabs; Prism's 2 MiB pages) with one prefill batch (min_kv_tokens) reserved per
     replica. Byte counts alone miss that slabs come whole, per layer, K and V (a 2 MiB page per layer
     is 128 MiB for an 8B model whose 2048 tokens of 4-bit KV are 68 MB) and that required memory's KV
     part (rate_min_bs x 1227 tokens) can be below a 2048-token prefill reservation: at overload
@@ -67,7 +67,7 @@ import torch
 from fineserve_core.config import LlamaConfig
 from fineserve_core.cost_model import (ACT_BYTES, AVG_INPUT_LEN, AVG_OUTPUT_LEN, P95_INPUT, CostModel, CostProfile,
                                        kv_bytes_per_token, kv_format, param_count, resolve_shape, weight_bytes)
-from fineserve_core.kv_slab import KVSlabManager, ModelKVSpec
+from fineserve_core.kv_slab import SERVE_SLAB_POLICY, KVSlabManager, ModelKVSpec
 
 GB = 1e9
 GiB = 1 << 30
@@ -75,10 +75,11 @@ MiB = 1 << 20
 POLICIES = ("fineserve", "static", "prism")
 PRISM_PAGE_BYTES = 2 * MiB                 # Prism's elastic KV: 2 MiB pages whatever the precision
 #: KVSlabManager layouts of each slab-based KV policy, in the order they are tried (the simulator
-#: builds its allocators with `slab_layout`): FineServe's 2 x lcm slabs, then padded slabs when the
-#: lcm is too coarse for the buffer; Prism's pages. "static" (whole blocks per region) has none.
+#: builds its allocators with `slab_layout`): the slabs the app serves with (SERVE_SLAB_POLICY), then
+#: padded slabs when the lcm is too coarse for the buffer (as app/slab_manager.make_allocator falls
+#: back); Prism's pages. "static" (whole blocks per region) has none.
 SLAB_LAYOUTS: dict[str, tuple[dict, ...]] = {
-    "slab": ({"policy": "faithful"}, {"policy": "padded"}),
+    "slab": ({"policy": SERVE_SLAB_POLICY}, {"policy": "padded"}),
     "elastic-2mib": ({"slab_size": PRISM_PAGE_BYTES, "policy": "padded"},),
 }
 

@@ -72,6 +72,26 @@ def jit(fn=None, **kwargs):
     return deco(fn) if fn is not None else deco
 
 
+class JitLog:
+    """Triton kernels compiled (or loaded from the disk cache) in this process while active: the stalls
+    of a step whose arguments give a kernel a specialization it has not seen (an int argument that is
+    1 or a multiple of 16, a pointer's alignment)."""
+
+    def __enter__(self):
+        self.names: list[str] = []
+        self._prev = triton.knobs.runtime.jit_post_compile_hook
+        triton.knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: self.names.append(fn.name)
+        return self
+
+    def __exit__(self, *exc):
+        triton.knobs.runtime.jit_post_compile_hook = self._prev
+
+    def take(self) -> dict[str, int]:
+        out = {n: self.names.count(n) for n in sorted(set(self.names))}
+        self.names.clear()
+        return out
+
+
 def on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda and not INTERPRET
 

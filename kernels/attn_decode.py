@@ -32,12 +32,14 @@ _FMT = {"bf16": 0, "fp8": 1, "w4a8kv4": 2}
 LOG2E = 1.4426950408889634
 
 
-@jit
+# Ints that change from step to step are not specialized on (Triton would compile a variant for each
+# value that is 1 or a multiple of 16, stalling a live step): the block-table width and blocks per split.
+@jit(do_not_specialize=["stride_bt", "bps"])
 def _decode_kernel(q_ptr, qs_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, wso_ptr, wsml_ptr,
                    stride_qb, stride_qh, stride_qsb, stride_bt, stride_ob, stride_oh,
                    sd_b, sd_h, sd_t, ss_b, ss_h, ss_t, qk_scale, bps, HQ,
                    GROUP: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, T: tl.constexpr, FMT: tl.constexpr,
-                   Q_FP8: tl.constexpr, SPLITS: tl.constexpr, OUT_BF16: tl.constexpr, ASM: tl.constexpr):
+                   Q_FP8: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, ASM: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -123,7 +125,7 @@ def _decode_kernel(q_ptr, qs_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, bt_ptr, lens_p
             acc = mma(to_bf16(p), vt, acc * alpha[:, None])
         m_i = m_new
 
-    if SPLITS == 1:
+    if not SPLIT:
         inv = 1.0 / l_i
         o_row = out_ptr + b * stride_ob + qh[:, None] * stride_oh
         if FMT == 2:
@@ -132,7 +134,7 @@ def _decode_kernel(q_ptr, qs_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, bt_ptr, lens_p
         else:
             tl.store(o_row + rd[None, :], to_out(acc * inv[:, None], OUT_BF16), mask=mg[:, None])
     else:
-        row = (b * HQ + qh) * SPLITS + sp            # [BG] workspace rows
+        row = (b * HQ + qh) * tl.num_programs(2) + sp            # [BG] workspace rows, one per split
         w_row = wso_ptr + row[:, None] * D
         if FMT == 2:
             tl.store(w_row + 2 * rd[None, :], acc_e, mask=mg[:, None])
@@ -143,23 +145,31 @@ def _decode_kernel(q_ptr, qs_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, bt_ptr, lens_p
         tl.store(wsml_ptr + row * 2 + 1, l_i, mask=mg)
 
 
-@jit
-def _decode_reduce_kernel(wso_ptr, wsml_ptr, out_ptr, stride_ob, stride_oh, HQ,
-                          SPLITS: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, OUT_BF16: tl.constexpr):
+@jit(do_not_specialize=["splits"])
+def _decode_reduce_kernel(wso_ptr, wsml_ptr, out_ptr, stride_ob, stride_oh, HQ, splits,
+                          BS: tl.constexpr, D: tl.constexpr, OUT_BF16: tl.constexpr):
+    """The splits' partials of one (sequence, query head), BS splits at a time (the split count is a
+    runtime value; BS = its next power of two up to 64, variants the decode graphs' capture compiles)."""
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     rs = tl.arange(0, BS)
-    ms_ = rs < SPLITS
-    row = (b * HQ + hq) * SPLITS + rs
-    m = tl.load(wsml_ptr + row * 2, mask=ms_, other=float("-inf"))
-    lsum = tl.load(wsml_ptr + row * 2 + 1, mask=ms_, other=0.0)
-    mx = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.math.exp2(m - mx), 0.0)
-    L = tl.sum(lsum * w, axis=0)
     rd = tl.arange(0, D)
-    acc = tl.load(wso_ptr + row[:, None] * D + rd[None, :], mask=ms_[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / L
-    tl.store(out_ptr + b * stride_ob + hq * stride_oh + rd, to_out(o, OUT_BF16))
+    first = (b * HQ + hq) * splits
+    mx = float("-inf")
+    for s0 in range(0, splits, BS):
+        m = tl.load(wsml_ptr + (first + s0 + rs) * 2, mask=s0 + rs < splits, other=float("-inf"))
+        mx = tl.maximum(mx, tl.max(m, axis=0))
+    L = 0.0
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, splits, BS):
+        ms_ = s0 + rs < splits
+        row = first + s0 + rs
+        m = tl.load(wsml_ptr + row * 2, mask=ms_, other=float("-inf"))
+        w = tl.where(m > float("-inf"), tl.math.exp2(m - mx), 0.0)
+        L += tl.sum(tl.load(wsml_ptr + row * 2 + 1, mask=ms_, other=0.0) * w, axis=0)
+        part = tl.load(wso_ptr + row[:, None] * D + rd[None, :], mask=ms_[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], axis=0)
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + rd, to_out(acc / L, OUT_BF16))
 
 
 def default_splits(batch: int, kv_heads: int, max_blocks: int, n_sm: int = 132, waves: int = 4) -> int:
@@ -213,12 +223,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_tables: torc
         q, qs, kd, ks, vd, vs, bt, lens, out, wso, wsml,
         q.stride(0), q.stride(1), qs.stride(0) if q_fp8 else 0, bt.stride(0), out.stride(0), out.stride(1),
         kd.stride(0), kd.stride(1), kd.stride(2), ss[0], ss[1], ss[2], sm_scale * LOG2E, bps, HQ,
-        GROUP=group, BG=max(16, next_pow2(group)), D=D, T=T, FMT=fmt, Q_FP8=q_fp8, SPLITS=splits,
+        GROUP=group, BG=max(16, next_pow2(group)), D=D, T=T, FMT=fmt, Q_FP8=q_fp8, SPLIT=splits > 1,
         OUT_BF16=out_dtype == torch.bfloat16, ASM=asm and not INTERPRET, num_warps=num_warps,
         num_stages=num_stages)
     if splits > 1:
-        _decode_reduce_kernel[(B, HQ)](wso, wsml, out, out.stride(0), out.stride(1), HQ,
-                                       SPLITS=splits, BS=next_pow2(splits), D=D,
+        _decode_reduce_kernel[(B, HQ)](wso, wsml, out, out.stride(0), out.stride(1), HQ, splits,
+                                       BS=min(64, next_pow2(splits)), D=D,
                                        OUT_BF16=out_dtype == torch.bfloat16, num_warps=4)
     return out
 

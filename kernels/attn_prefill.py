@@ -67,7 +67,9 @@ def _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_p
     return acc, l_i, m_new
 
 
-@jit
+# not specialized on: the query-block count and the k-scale head stride (= the step's token count)
+# change from step to step; a new specialization would be a JIT compile inside a live step
+@jit(do_not_specialize=["NUM_M", "sks_h"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, cu_ptr, vst_ptr, out_ptr,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sv_d, sqs_t, sks_t, sks_h, so_t, so_h, qk_scale, NUM_M,
                     GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,

@@ -52,7 +52,7 @@ def _quant_kernel(x_ptr, out_ptr, s_ptr, K, stride_x, stride_o, BLOCK: tl.conste
     _quant_store(x, c, mask, row, out_ptr, s_ptr, stride_o, G)
 
 
-@jit
+@jit(do_not_specialize=["M"])         # the step's token count: no JIT compile per new value
 def _quant_rows_kernel(x_ptr, out_ptr, s_ptr, M, K, stride_x, stride_o, R: tl.constexpr, BLOCK: tl.constexpr,
                        G: tl.constexpr):
     """R short rows per program (per-(token, head) quant of Q/K: rows of head_dim)."""

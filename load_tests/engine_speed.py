@@ -85,17 +85,27 @@ def _mixed_steps(eng, B: int, args, gen, V: int) -> dict:
     from fineserve_core.sampling import SamplingParams
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
+    steps_ms: list[float] = []
+
     def run(n: int, tag: str) -> float:
+        steps_ms.clear()
         torch.cuda.synchronize()
-        t = time.perf_counter()
+        t0 = t = time.perf_counter()
         for i in range(n):
             eng.add_request(f"m{B}-{tag}{i}", _ids(gen, V, args.mixed), one)
             eng.step()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-    run(args.warmup_steps, "w")
-    sec = run(args.decode_steps, "t")
-    out = {"prefill_tokens": args.mixed, "step_ms": sec / args.decode_steps * 1e3}
+            torch.cuda.synchronize()
+            steps_ms.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+        return time.perf_counter() - t0
+    from kernels._common import JitLog
+    with JitLog() as jit:
+        run(args.warmup_steps, "w")
+        warm = {"warmup_steps_ms": [round(x, 2) for x in steps_ms], "jit_compiles_warmup": jit.take()}
+        sec = run(args.decode_steps, "t")
+        out = {"prefill_tokens": args.mixed, "step_ms": sec / args.decode_steps * 1e3,
+               "step_ms_median": statistics.median(steps_ms), "step_ms_max": max(steps_ms),
+               "steps_ms": [round(x, 2) for x in steps_ms], "jit_compiles": jit.take(), **warm}
     if args.profile and B in args.profile:
         out.update(_profile_steps(lambda n: run(n, "p"), 3, f"mixed B={B}"))
     return out

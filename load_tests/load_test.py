@@ -58,6 +58,16 @@ def _floats(s: str) -> list[float]:
     return xs
 
 
+def _seconds(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {s!r}")
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------
 # the app under test
 # ---------------------------------------------------------------------------------------------------
@@ -256,7 +266,7 @@ def run(args) -> Path:
             if left < args.duration + min(args.drain, 5.0):      # --time-limit: skip, never overrun
                 skipped.append(round(sum(rates.values()), 4))
                 continue
-            reqs = generate(rates, args.duration, seed=args.seed, cv=args.cv, lengths=lengths)
+            reqs = generate(rates, args.duration, seed=args.seed, cv=args.cv, lengths=lengths, rotate=args.rotate)
             if args.max_requests and len(reqs) > args.max_requests:
                 reqs = reqs[:args.max_requests]
             total = sum(rates.values())
@@ -283,7 +293,8 @@ def run(args) -> Path:
                "mps_pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),      # set: the app ran under MPS
                "models": [{"tier": m.tier, "source": m.source or m.name, "precision": m.precision,
                            "rate": m.rate, "scheduler": app.cfg.scheduler_of(m)} for m in app.cfg.models],
-               "workload": {"duration_s": args.duration, "cv": args.cv, "alpha": args.alpha, "seed": args.seed,
+               "workload": {"duration_s": args.duration, "cv": args.cv, "alpha": args.alpha, "rotate_s": args.rotate,
+                            "seed": args.seed,
                             "lengths": lengths.describe(), "max_requests": args.max_requests,
                             "request_timeout_s": args.request_timeout, "drain_s": args.drain},
                "slos": slos, "rates": rows, "skipped_rates": skipped, "kv_samples": kv_all,
@@ -315,6 +326,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port of the app this run starts (default: a free one)")
     p.add_argument("--alpha", type=float, help="power-law popularity over the tiers (rate_i ∝ (i+1)^-alpha)")
     p.add_argument("--cv", type=float, default=1.0, help="arrival gap CV (1: Poisson, >1: bursty Gamma)")
+    p.add_argument("--rotate", type=_seconds, help="seconds between rotations of the tiers' rates (the popular "
+                                                "model changes, the total stays; load_tests/workload.py)")
     p.add_argument("--lengths", choices=["sharegpt", "fixed"], default="sharegpt")
     p.add_argument("--input-len", type=int, default=128, help="fixed lengths: prompt tokens")
     p.add_argument("--output-len", type=int, default=64, help="fixed lengths: output tokens")

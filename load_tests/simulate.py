@@ -31,9 +31,10 @@ What is real and what is modelled:
     (`unfinished_at_cut`).
 
 Policies (placement + KV + queue; same engine/scheduler code for all):
-  fineserve  slab-aware placement + KV Slab ("faithful" slabs: 2 x lcm of the block sizes on that GPU;
-             when the lcm makes slabs too coarse for the buffer, "padded" slabs, counted in the
-             results; `placement.slab_layout`, which placement checks for every GPU it fills) + SAAB
+  fineserve  slab-aware placement + KV Slab (the app's layout, kv_slab.SERVE_SLAB_POLICY: slabs of
+             the lcm of the data blocks on that GPU, INT4 KV scales in slots of their own; when the
+             lcm makes slabs too coarse for the buffer, "padded" slabs, counted in the results;
+             `placement.slab_layout`, which placement checks for every GPU it fills) + SAAB
              with the plan's ttft_per_token and max_num_seqs = slo_max_bs.
   static     memory-balanced placement at the base TP + a fixed KV region per replica proportional
              to its placement memory + FCFS, max_num_seqs 256.
@@ -180,7 +181,7 @@ class Simulator:
         self._events: list = []
         self._seq = 0
         self.records: list[RequestRecord] = []
-        self.slab_fallbacks: list[int] = []          # GPUs whose faithful slabs did not fit: "padded"
+        self.slab_fallbacks: list[int] = []          # GPUs whose served slabs did not fit: "padded"
         self.gpu_active: dict[int, int] = {}
         self.gpu_replicas: dict[int, list[_Replica]] = {}
         self.replicas: dict[str, list[_Replica]] = {m: [] for m in plan.models}
@@ -586,7 +587,9 @@ def plot(rows: list[dict], sc: Scenario, path: Path) -> Path:
     return path
 
 
-def _merge(rows: list[dict], path: str, scenario_name: str, precisions: str, duration: float, seed: int) -> list[dict]:
+def _merge(rows: list[dict], path: str, scenario_name: str, precisions: str, duration: float, seed: int
+           ) -> tuple[list[dict], dict]:
+    """This run's rows plus the earlier file's rows it did not redo, and the earlier payload."""
     import json
     old = json.loads(Path(path).read_text())
     want = (scenario_name, precisions, duration, seed)
@@ -596,7 +599,7 @@ def _merge(rows: list[dict], path: str, scenario_name: str, precisions: str, dur
     key = lambda r: (r["alpha"], r["scale"], r["policy"])     # noqa: E731
     mine = {key(r) for r in rows}
     merged = rows + [r for r in old["rows"] if key(r) not in mine and r["policy"] in POLICY_ORDER]
-    return sorted(merged, key=lambda r: (r["alpha"], r["scale"], POLICY_ORDER.index(r["policy"])))
+    return sorted(merged, key=lambda r: (r["alpha"], r["scale"], POLICY_ORDER.index(r["policy"]))), old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,20 +633,23 @@ def main(argv: list[str] | None = None) -> int:
         rows = [_one(j) for j in jobs]
     rows.sort(key=lambda r: (r["alpha"], r["scale"], POLICY_ORDER.index(r["policy"])))
     wall = time.perf_counter() - t0
+    old = {}
     if args.merge:
-        rows = _merge(rows, args.merge, sc.name, args.precisions, duration, args.seed)
+        rows, old = _merge(rows, args.merge, sc.name, args.precisions, duration, args.seed)
         alphas = tuple(sorted({r["alpha"] for r in rows}))
         scales = tuple(sorted({r["scale"] for r in rows}))
     cost = CostModel.default("h100")
     specs = sc.specs(alphas[0], 1.0)
-    plans = {p: place(VARIANTS[p][0], specs, sc.cluster, cost, VARIANTS[p][1]).to_dict() for p in args.policies}
+    plans = {**old.get("plans_at_scale_1", {}),
+             **{p: place(VARIANTS[p][0], specs, sc.cluster, cost, VARIANTS[p][1]).to_dict() for p in args.policies}}
+    policies = [p for p in POLICY_ORDER if p in plans]
     used = {(s.cost_key, s.precision) for a in alphas for s in sc.specs(a, 1.0)}
     cost_used = [d for d in cost.describe() if (d["model"], d["precision"]) in used]
     head = headline(rows, alphas)
     payload = {"scenario": sc.name, "note": sc.note, "quick": args.quick, "cluster": vars(sc.cluster) | {},
                "models": [{"name": s.name, "shape": s.shape, "precision": s.precision} for s in specs],
                "precisions": args.precisions, "alphas": alphas, "scales": scales, "duration_s": duration,
-               "seed": args.seed, "policies": args.policies, "wall_s": round(wall, 1),
+               "seed": args.seed, "policies": policies, "wall_s": round(wall, 1),
                "workload": {"arrivals": "Poisson", "lengths": LengthSampler().describe(),
                             "rates": f"{sc.max_rate:g} x scale x (i+1)^-alpha in model order"},
                "sim_config": vars(SimConfig()), "placement_config": vars(PlacementConfig()),

@@ -9,6 +9,9 @@ Popularity:
   * power law `rate_i ∝ (i+1)^-alpha` over the models in list order (MuxServe's `gen_power_law_dis`);
     `power_law_rates(n, alpha, max_rate=...)` scales so model 0 gets `max_rate` (MuxServe's
     `get_real_rate`: max rate 40 req/s x rate scale), `total_rate=...` so the rates sum to it.
+  * rotating (`generate(..., rotate=P)`): every P seconds the rates move one model down the list (model
+    i takes model i-1's rate, the first the last's), so the popular model changes while the total stays:
+    the load shift a partition sized for the mean rates cannot follow.
 Lengths:
   * "sharegpt": ShareGPT/LMSYS-like, lognormal input and output lengths, sigma 1.0, fitted so the 95th
     percentiles are FineServe's LMSYS-Chat p95s (903 input / 631 output tokens, the numbers its placement
@@ -147,13 +150,22 @@ def arrival_times(rng: np.random.Generator, rate: float, duration: float, cv: fl
 
 
 def generate(rates: Mapping[str, float], duration: float, *, seed: int = 0, cv: float | Mapping[str, float] = 1.0,
-             lengths: LengthSampler | Mapping[str, LengthSampler] = LengthSampler()) -> list[Request]:
-    """All models' requests over `duration` seconds, sorted by arrival (ties by model order)."""
+             lengths: LengthSampler | Mapping[str, LengthSampler] = LengthSampler(),
+             rotate: float | None = None) -> list[Request]:
+    """All models' requests over `duration` seconds, sorted by arrival (ties by model order). `rotate`:
+    seconds between rotations of the rates over the models (module doc); None keeps them fixed."""
+    if rotate is not None and rotate <= 0:
+        raise ValueError(f"rotate must be > 0 seconds, got {rotate}")
+    values = list(rates.values())
+    n = len(values)
+    period = rotate or duration
     events: list[tuple[float, int, int, int, str]] = []
-    for mi, (m, rate) in enumerate(rates.items()):
+    for mi, m in enumerate(rates):
         rng = np.random.default_rng([seed, mi])
         c = cv[m] if isinstance(cv, Mapping) else cv
-        ts = arrival_times(rng, rate, duration, c)
+        ts = np.concatenate([np.empty(0)] + [
+            arrival_times(rng, values[(mi - k) % n], min(period, duration - k * period), c, start=k * period)
+            for k in range(math.ceil(duration / period))])
         ls = lengths[m] if isinstance(lengths, Mapping) else lengths
         ins, outs = ls.sample(rng, len(ts))
         events += [(float(t), mi, int(a), int(b), m) for t, a, b in zip(ts, ins, outs)]

@@ -215,3 +215,12 @@ def test_incremental_detokenization_streams_what_decoding_the_whole_output_gives
             assert full.startswith(text), (ids, text, full)
         assert text == full
     check()
+
+
+def test_load_warm_up_leaves_nothing_behind(engine, prompts):
+    """The warm-up a CUDA engine runs at load (`Engine._warm_up`) finishes its requests and frees their
+    blocks; what comes after is unchanged."""
+    before = engine.generate([prompts[0]], GREEDY)[0]["token_ids"]
+    engine._warm_up()
+    assert not engine.has_unfinished() and not engine.seqs and engine.blocks.num_in_use == 0
+    assert engine.generate([prompts[0]], GREEDY)[0]["token_ids"] == before

@@ -320,12 +320,12 @@ def _filled_cache(gen, precision, H, D, T, nb, split=False):
 @pytest.mark.parametrize("precision,q_fp8,split", [("w4a8kv4", True, False), ("w4a8kv4", False, False),
                                                    ("w4a8kv4", True, True), ("fp8", True, False),
                                                    ("fp8", False, False), ("bf16", False, False)])
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, 9])      # 9: 7 splits (13 blocks, 2 per split)
 @pytest.mark.parametrize("asm", [True, False] if CUDA else [True], ids=lambda a: "asm" if a else "twin")
 def test_paged_decode_attention(gen, precision, q_fp8, split, splits, asm):
     B, HQ, HKV, D, T, nb = 3, 8, 2, 64, 16, 40
     _, kc_, vc_ = _filled_cache(gen, precision, HKV, D, T, nb, split)
-    lens = torch.tensor([37, 5, 100], dtype=torch.int32)
+    lens = torch.tensor([37, 5, 190], dtype=torch.int32)                # 190: all 13 blocks of its row
     bt = torch.randperm(nb, generator=gen)[:3 * 13].view(3, 13).int()
     q = rnd(gen, B, HQ, D)
     qs = None
@@ -335,6 +335,19 @@ def test_paged_decode_attention(gen, precision, q_fp8, split, splits, asm):
     out = da.paged_decode_attention(q, kc_, vc_, bt.to(DEV), lens.to(DEV), precision, q_scale=qs,
                                     out_dtype=torch.bfloat16, splits=splits, asm=asm)
     ref = da.paged_decode_attention_ref(q, kc_, vc_, bt, lens, precision, q_scale=qs, out_dtype=torch.float64)
+    assert relerr(out, ref) < TOL[torch.bfloat16], f"seed {gen.initial_seed()}"
+
+
+def test_paged_decode_attention_over_64_splits(gen):
+    """More than 64 splits: the reduction takes them 64 at a time (two rounds here)."""
+    HQ, HKV, D, T, nb = 2, 1, 64, 16, 70
+    _, kc_, vc_ = _filled_cache(gen, "bf16", HKV, D, T, nb)
+    lens = torch.tensor([nb * T - 3], dtype=torch.int32)
+    bt = torch.randperm(nb, generator=gen).view(1, nb).int()
+    q = rnd(gen, 1, HQ, D)
+    out = da.paged_decode_attention(q, kc_, vc_, bt.to(DEV), lens.to(DEV), "bf16", out_dtype=torch.bfloat16,
+                                    splits=nb)
+    ref = da.paged_decode_attention_ref(q, kc_, vc_, bt, lens, "bf16", out_dtype=torch.float64)
     assert relerr(out, ref) < TOL[torch.bfloat16], f"seed {gen.initial_seed()}"
 
 

@@ -62,11 +62,14 @@ def test_loopback_only():
 @pytest.mark.timeout(300)
 def test_load_test_dev_config_end_to_end(tmp_path, dev_args):
     out = tmp_path / "lt.json"
-    rc = cli(["load-test", "--config", DEV, "--policy", "prism", "--rate", "1,3", "--duration", "4",
-              "--lengths", "fixed", "--input-len", "24", "--output-len", "6", "--drain", "30",
-              "--request-timeout", "60", "--kv-interval", "0.25", "--out", str(out), "--quiet"])
-    assert rc == 0
+    args = ["load-test", "--config", DEV, "--policy", "prism", "--rate", "1,3", "--duration", "4",
+            "--lengths", "fixed", "--input-len", "24", "--output-len", "6", "--drain", "30",
+            "--request-timeout", "60", "--kv-interval", "0.25", "--out", str(out), "--quiet"]
+    with pytest.raises(SystemExit):                   # refused before anything starts
+        cli(args + ["--rotate", "0"])
+    assert cli(args + ["--rotate", "2"]) == 0
     d = json.loads(out.read_text())
+    assert d["workload"]["rotate_s"] == 2.0
     assert d["policy"] == "prism" and d["launched"] and d["device"].startswith("CPU") and d["command"]
     assert [r["rate"] for r in d["rates"]] == [1.0, 3.0] and not d["skipped_rates"]
     for row in d["rates"]:

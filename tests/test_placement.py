@@ -171,11 +171,11 @@ def test_works_with_the_measured_cpu_table():
 def _layout_min_ok(plan, specs):
     """Independent oracle: every used GPU's KV buffer holds a KVSlabManager layout of the plan's KV
     policy (what the app's make_allocator and the simulator build) with one full 2048-token prefill
-    reservation per replica: FineServe's 2 x lcm slabs, else padded slabs; Prism's 2 MiB pages."""
+    reservation per replica: the app's KV Slab layout, else padded slabs; Prism's 2 MiB pages."""
     import torch
     from fineserve_core.cost_model import kv_format
-    from fineserve_core.kv_slab import KVSlabManager, ModelKVSpec
-    tries = {"slab": [dict(policy="faithful"), dict(policy="padded")],
+    from fineserve_core.kv_slab import SERVE_SLAB_POLICY, KVSlabManager, ModelKVSpec
+    tries = {"slab": [dict(policy=SERVE_SLAB_POLICY), dict(policy="padded")],
              "elastic-2mib": [dict(slab_size=2 << 20, policy="padded")]}[plan.kv_policy]
     by_name = {s.name: s for s in specs}
     bad = []

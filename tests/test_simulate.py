@@ -50,6 +50,20 @@ def test_power_law_popularity():
         power_law_rates(5, 1.0)
 
 
+def test_rotating_popularity_moves_the_rates_and_keeps_the_total():
+    rates = {"a": 40.0, "b": 10.0, "c": 5.0, "d": 5.0}
+    reqs = generate(rates, 40.0, seed=3, rotate=10.0)
+    for k in range(4):                                  # period k: model i has model (i - k)'s rate
+        got = {m: sum(1 for r in reqs if r.model == m and 10 * k <= r.arrival < 10 * k + 10) / 10 for m in rates}
+        want = {m: list(rates.values())[(i - k) % 4] for i, m in enumerate(rates)}
+        assert max(got, key=got.get) == max(want, key=want.get)
+        assert got[max(want, key=want.get)] == pytest.approx(40, rel=0.25)
+    assert len(reqs) == pytest.approx(60 * 40, rel=0.1)
+    assert generate(rates, 40.0, seed=3, rotate=None) == generate(rates, 40.0, seed=3)
+    with pytest.raises(ValueError, match="rotate"):
+        generate(rates, 40.0, rotate=0)
+
+
 def test_sharegpt_lengths_match_the_published_p95s():
     ls = LengthSampler()
     ins, outs = ls.sample(np.random.default_rng(0), 40000)

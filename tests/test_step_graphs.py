@@ -84,3 +84,24 @@ def test_step_graph_replay_equals_the_eager_forward(precision):
         eng.step()
     assert all(len(s.output_ids) == 16 for s, _ in batch)
     eng.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="Triton compiles kernels on CUDA only")
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "w4a8kv4"])
+def test_no_kernel_is_compiled_after_load(precision):
+    """The engine's load warms every kernel variant up: steps with changing batch sizes, prompt lengths
+    and contexts (prompts beside decodes, one-block and multi-block contexts, a chunked prompt) then
+    compile no Triton kernel, so no live step stalls on a JIT compile."""
+    from kernels._common import JitLog
+    eng = Engine(EngineConfig(model="llama-2-7b-shape", precision=precision, device="cuda", max_num_seqs=16,
+                              max_model_len=1024, max_num_batched_tokens=256, kv_cache_bytes=1536 << 20))
+    with JitLog() as jit:
+        for i, n in enumerate((1, 7, 64, 65, 130, 300, 17, 900, 2, 33, 128, 500)):
+            eng.add_request(f"r{i}", list(range(10, 10 + n)),
+                            SamplingParams(max_tokens=5 + 7 * i, temperature=0.0, ignore_eos=True))
+            for _ in range(1 + i % 3):
+                eng.step()
+        while eng.has_unfinished():
+            eng.step()
+        assert jit.take() == {}
+    eng.close()
