@@ -3,6 +3,7 @@
     python -m load_tests.simulate --scenario muxserve-32            # full sweep (~5 min on 2 CPUs)
     python -m load_tests.simulate --scenario fineserve-16
     python -m load_tests.simulate --scenario muxserve-32 --quick    # a few runs (< 15 s)
+    python -m load_tests.simulate --scenario muxserve-32 --alphas 0.9 --rotate 1   # popularity shifting
 
 What is real and what is modelled:
   * REAL (imported, not copied): the placement (`fineserve_core.placement.place`), the engine's
@@ -488,10 +489,10 @@ VARIANTS = {"fineserve": ("fineserve", PlacementConfig()), "static": ("static", 
 
 
 def _one(args) -> dict:
-    sc, alpha, scale, policy, seed, duration = args
+    sc, alpha, scale, policy, seed, duration, rotate = args
     specs = sc.specs(alpha, scale)
     cost = _COST or CostModel.default("h100")
-    reqs = generate({s.name: s.rate for s in specs}, duration, seed=seed)
+    reqs = generate({s.name: s.rate for s in specs}, duration, seed=seed, rotate=rotate)
     pol, pcfg = VARIANTS[policy]
     plan, m = simulate(pol, specs, sc.cluster, cost, reqs, pcfg)
     m.pop("per_model", None)
@@ -587,15 +588,16 @@ def plot(rows: list[dict], sc: Scenario, path: Path) -> Path:
     return path
 
 
-def _merge(rows: list[dict], path: str, scenario_name: str, precisions: str, duration: float, seed: int
-           ) -> tuple[list[dict], dict]:
+def _merge(rows: list[dict], path: str, scenario_name: str, precisions: str, duration: float, seed: int,
+           rotate: float | None) -> tuple[list[dict], dict]:
     """This run's rows plus the earlier file's rows it did not redo, and the earlier payload."""
     import json
     old = json.loads(Path(path).read_text())
-    want = (scenario_name, precisions, duration, seed)
-    have = (old.get("scenario"), old.get("precisions"), old.get("duration_s"), old.get("seed"))
+    want = (scenario_name, precisions, duration, seed, rotate)
+    have = (old.get("scenario"), old.get("precisions"), old.get("duration_s"), old.get("seed"), old.get("rotate_s"))
     if have != want:
-        raise ValueError(f"--merge {path}: (scenario, precisions, duration, seed) {have} differ from this run's {want}")
+        raise ValueError(f"--merge {path}: (scenario, precisions, duration, seed, rotate) {have} differ from "
+                         f"this run's {want}")
     key = lambda r: (r["alpha"], r["scale"], r["policy"])     # noqa: E731
     mine = {key(r) for r in rows}
     merged = rows + [r for r in old["rows"] if key(r) not in mine and r["policy"] in POLICY_ORDER]
@@ -612,18 +614,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=list(POLICY_ORDER))
     ap.add_argument("--duration", type=float, help="seconds of arrivals per run (default 8, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotate", type=float, help="seconds between rotations of the models' rates (the popular "
+                                                 "model changes; placement still sees the mean rates)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", help="results JSON (default load_tests/results/simulate-<scenario>[-quick].json)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--merge", help="an earlier results JSON of this scenario (same precisions, duration, seed): "
                                     "its rows join this run's in the table, headline and plot (this run's win)")
     args = ap.parse_args(argv)
+    if args.rotate is not None and not args.rotate > 0:
+        ap.error(f"--rotate must be > 0 seconds, got {args.rotate}")
     from fineserve_core.results import write_result
     sc = scenario(args.scenario, args.precisions)
     alphas = tuple(args.alphas or ((sc.alphas[1] if len(sc.alphas) > 1 else sc.alphas[0],) if args.quick else sc.alphas))
     scales = tuple(args.scales or ((1.0, 6.0) if args.quick else sc.scales))
     duration = args.duration or (1.0 if args.quick else sc.duration)
-    jobs = [(sc, a, s, p, args.seed, duration) for a in alphas for s in scales for p in args.policies]
+    jobs = [(sc, a, s, p, args.seed, duration, args.rotate) for a in alphas for s in scales for p in args.policies]
     t0 = time.perf_counter()
     if args.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(args.workers, initializer=_init_worker) as ex:
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     old = {}
     if args.merge:
-        rows, old = _merge(rows, args.merge, sc.name, args.precisions, duration, args.seed)
+        rows, old = _merge(rows, args.merge, sc.name, args.precisions, duration, args.seed, args.rotate)
         alphas = tuple(sorted({r["alpha"] for r in rows}))
         scales = tuple(sorted({r["scale"] for r in rows}))
     cost = CostModel.default("h100")
@@ -649,15 +655,17 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"scenario": sc.name, "note": sc.note, "quick": args.quick, "cluster": vars(sc.cluster) | {},
                "models": [{"name": s.name, "shape": s.shape, "precision": s.precision} for s in specs],
                "precisions": args.precisions, "alphas": alphas, "scales": scales, "duration_s": duration,
-               "seed": args.seed, "policies": policies, "wall_s": round(wall, 1),
+               "seed": args.seed, "rotate_s": args.rotate, "policies": policies, "wall_s": round(wall, 1),
                "workload": {"arrivals": "Poisson", "lengths": LengthSampler().describe(),
-                            "rates": f"{sc.max_rate:g} x scale x (i+1)^-alpha in model order"},
+                            "rates": f"{sc.max_rate:g} x scale x (i+1)^-alpha in model order"
+                                     + (f", rotating one model on every {args.rotate:g} s" if args.rotate else "")},
                "sim_config": vars(SimConfig()), "placement_config": vars(PlacementConfig()),
                "cost_tables": [str(p.name) for p in sorted((Path(__file__).resolve().parent.parent / "fineserve_core"
                                                             / "cost_tables").glob("h100-*.json"))],
                "cost_estimated": all(d["estimate"] for d in cost_used), "cost_entries_used": cost_used,
                "merged_from": args.merge, "headline": head, "rows": rows, "plans_at_scale_1": plans}
-    name = f"simulate-{sc.name}" + ("" if args.precisions == "mixed" else f"-{args.precisions}") + ("-quick" if args.quick else "")
+    name = (f"simulate-{sc.name}" + ("" if args.precisions == "mixed" else f"-{args.precisions}")
+            + (f"-rotate{args.rotate:g}" if args.rotate else "") + ("-quick" if args.quick else ""))
     out = write_result(name, payload, args.out or RESULTS_DIR / f"{name}.json")
     print(f"{'alpha':>5} {'scale':>5} {'rate':>7} {'policy':<10}{'attain':>7}{'+tpot':>7}{'tok/s':>9}{'ttft p50':>9}"
           f"{'p99':>8}{'drop':>6}{'GPUs':>5}{'wall':>6}")

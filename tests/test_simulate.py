@@ -199,3 +199,19 @@ def test_quick_cli_writes_results_and_plot(tmp_path):
     assert d["cost_estimated"] and d["headline"] and len(d["models"]) == 19
     assert all(math.isfinite(r["slo_attainment"]) for r in d["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_rotating_workload_reaches_the_runs(tmp_path):
+    """--rotate is validated, recorded, and changes what the (seeded) run simulates."""
+    with pytest.raises(SystemExit):
+        sim.main(["--quick", "--rotate", "0", "--out", str(tmp_path / "x.json")])
+    base = ["--scenario", "muxserve-32", "--quick", "--alphas", "0.9", "--scales", "6", "--policies", "fineserve",
+            "--workers", "1", "--no-plot"]
+    rows = {}
+    for name, extra in (("fixed", []), ("rotating", ["--rotate", "0.25"])):
+        assert sim.main(base + extra + ["--out", str(tmp_path / f"{name}.json")]) == 0
+        d = json.loads((tmp_path / f"{name}.json").read_text())
+        (rows[name],) = d["rows"]
+        assert d["rotate_s"] == (0.25 if extra else None) and ("rotating" in d["workload"]["rates"]) == bool(extra)
+    key = lambda r: (r["requests_generated"], r["slo_attainment"], r["token_throughput"])   # noqa: E731
+    assert key(rows["fixed"]) != key(rows["rotating"])
