@@ -103,7 +103,9 @@ def test_pre_rope_scaling_leaves_qk_unchanged_float64(gen):
     # every K pair magnitude is now <= alpha (before and after RoPE, which rotates pairs)
     k_new = (x @ ws["self_attn.k_proj.weight"].t()).view(40, CFG.num_kv_heads, CFG.head_dim)
     assert float((k_new[..., :half] ** 2 + k_new[..., half:] ** 2).sqrt().max()) <= 8.0 + 1e-9
-    assert float(k_got.abs().max()) <= 8.0 + 1e-9
+    # after RoPE each element is bounded by its pair's magnitude, up to the float32 RoPE table's rounding
+    # (cos² + sin² = 1 ± 1e-7): a seed once gave 8.00000017
+    assert float(k_got.abs().max()) <= 8.0 * (1 + 1e-6)
 
 
 def test_post_rope_scales_pick_topk_and_partners(gen):
