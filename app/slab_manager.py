@@ -17,11 +17,11 @@ import torch
 
 from fineserve_core.kv_slab import (SERVE_SLAB_POLICY, KVOutOfMemory, KVSlabManager, ModelKVSpec,
                                     StaticPartitionAllocator)
+from fineserve_core.placement import PRISM_PAGE_BYTES     # Prism's elastic KV: one pool of 2 MiB pages
 
 log = logging.getLogger("ray.serve")
 LOAD_TIMEOUT_S = 900
 REAP_PERIOD_S = 2.0      # how often the manager looks for dead replicas still holding blocks
-PRISM_PAGE_BYTES = 2 << 20   # Prism's elastic KV: one shared pool of 2 MiB pages whatever the precision
 
 
 def make_allocator(policy: str, buf: torch.Tensor, specs: list[ModelKVSpec], slab_policy: str):

@@ -225,6 +225,7 @@ class Engine:
         request's step (≈ 1.5 s per compile on the H100, `engine_speed --mixed`'s JIT log)."""
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         T = self.fmt.tokens_per_block
+        # two sequences at once in what the KV holds besides the graphs' scratch block
         longest = min(self.max_model_len, (self.kv_capacity - 2) // 2 * T) - params.max_tokens
         for n in (3, min(2 * T + 5, longest)):
             self.add_request(f"__warm-up-{n}-a", [1] * n, params)

@@ -35,7 +35,8 @@ import numpy as np
 
 from load_tests.client import Result, check_loopback, send
 from load_tests.report import markdown_sweep, plot_sweep, summarize
-from load_tests.workload import LengthSampler, generate, power_law_weights, summarize as workload_summary
+from load_tests.workload import LengthSampler, generate, power_law_weights, rotate_period
+from load_tests.workload import summarize as workload_summary
 
 SLO_LEN = 903            # the worker's TTFT SLO reference length (app/worker.py)
 TPOT_SCALE = 5.0         # TPOT SLO = 5 x single-request TPOT (fineserve_core/placement.py's default)
@@ -56,16 +57,6 @@ def _floats(s: str) -> list[float]:
     if not xs or any(x <= 0 for x in xs):
         raise argparse.ArgumentTypeError(f"rates must be > 0, got {s!r}")
     return xs
-
-
-def _seconds(s: str) -> float:
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {s!r}")
-    return x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,7 +317,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port of the app this run starts (default: a free one)")
     p.add_argument("--alpha", type=float, help="power-law popularity over the tiers (rate_i ∝ (i+1)^-alpha)")
     p.add_argument("--cv", type=float, default=1.0, help="arrival gap CV (1: Poisson, >1: bursty Gamma)")
-    p.add_argument("--rotate", type=_seconds, help="seconds between rotations of the tiers' rates (the popular "
+    p.add_argument("--rotate", type=rotate_period, help="seconds between rotations of the tiers' rates (the popular "
                                                 "model changes, the total stays; load_tests/workload.py)")
     p.add_argument("--lengths", choices=["sharegpt", "fixed"], default="sharegpt")
     p.add_argument("--input-len", type=int, default=128, help="fixed lengths: prompt tokens")

@@ -28,6 +28,7 @@ not change the other models' requests.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -147,6 +148,18 @@ def arrival_times(rng: np.random.Generator, rate: float, duration: float, cv: fl
             break
         t = ts[-1]
     return np.concatenate(out)
+
+
+def rotate_period(s: str) -> float:
+    """argparse type of `--rotate`: seconds > 0 (the load test and the simulator refuse others before
+    anything starts)."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {s!r}")
+    return x
 
 
 def generate(rates: Mapping[str, float], duration: float, *, seed: int = 0, cv: float | Mapping[str, float] = 1.0,
