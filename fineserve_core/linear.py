@@ -11,6 +11,8 @@ The packed tensors (`W4Weight` / `FP8Weight`) are the source of truth and are wh
 stores. On the CPU the forward is the torch reference (`w4a8_linear_ref` / `fp8_linear_ref`) with
 the dequantized weight cached once per layer (float32: q·s and FP8 values are exact in it, so the
 result is the reference's), because dequantizing on every call makes CPU inference painfully slow.
+A W4A8 call of more than `formats.W4_EXACT_MAX_ROWS` rows uses fp8(q·s) instead, as the CUDA GEMM does
+for such calls (a second cache, built on first use).
 
 CUDA hook: on a CUDA tensor the forward dispatches to ``kernels.w4a8_gemm(x, w, out_dtype)`` /
 ``kernels.fp8_gemm(x, w, out_dtype)`` when the `kernels` package provides them (same signature as
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fineserve_core.quant.formats import (
-    FP8Weight, W4Weight, dequantize_w4_unscaled, quantize_fp8_per_token, quantize_fp8_weight, quantize_w4,
+    W4_EXACT_MAX_ROWS, FP8Weight, W4Weight, _to_fp8, dequantize_w4_unscaled, quantize_fp8_per_token,
+    quantize_fp8_weight, quantize_w4,
 )
 
 __all__ = ["DenseLinear", "FP8Act", "FP8Linear", "W4A8Linear", "act_group", "make_linear", "linear_from_tensors",
@@ -81,6 +84,7 @@ class _QuantLinear(nn.Module):
     def __init__(self):
         super().__init__()
         self._wcache: torch.Tensor | None = None
+        self._wcache_fp8: torch.Tensor | None = None
 
     def _dequantized(self) -> torch.Tensor:
         raise NotImplementedError
@@ -92,11 +96,14 @@ class _QuantLinear(nn.Module):
         return self._wcache
 
     def drop_cache(self) -> None:
-        self._wcache = None
+        self._wcache = self._wcache_fp8 = None
+
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cached_weight()
 
     def _matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float32 acc = x̂ @ Wᵀ and the per-token activation scale (None when activations are not quantized)."""
-        w = self.cached_weight()
+        w = self._weight_for(x)
         if self.act_quant:
             x_fp8, x_scale = quantize_fp8_per_token(x)
             return torch.matmul(x_fp8.to(w.dtype), w.t()).float(), x_scale
@@ -126,6 +133,13 @@ class W4A8Linear(_QuantLinear):
 
     def _dequantized(self) -> torch.Tensor:
         return dequantize_w4_unscaled(self.w4)          # q·s, float32, exact
+
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.act_quant or x.numel() // x.shape[-1] <= W4_EXACT_MAX_ROWS:
+            return self.cached_weight()
+        if self._wcache_fp8 is None:                    # the large-M CUDA path's fp8(q·s), exact in float32
+            self._wcache_fp8 = _to_fp8(self.cached_weight().float()).to(self.cached_weight().dtype)
+        return self._wcache_fp8
 
     def forward(self, x: torch.Tensor | FP8Act) -> torch.Tensor:
         if isinstance(x, FP8Act):

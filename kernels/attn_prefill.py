@@ -4,9 +4,11 @@ FP8 variant (FireQ's "FP8FP8FmhaFwd" numerics, in Triton): Q and K are FP8 E4M3 
 (`formats.quantize_q_fp8`'s rule), V is FP8 with one scale per KV head (absmax over the prompt / 448)
 stored **transposed** (token-contiguous, [Hkv, D, T]) so that P·V is an FP8 `tl.dot` with a K-major B
 operand (Hopper's FP8 wgmma needs it; the Triton tutorial does the same). S = (q8·k8ᵀ)·s_q·s_k·scale,
-online softmax in base 2, P scaled by 256 before its FP8 cast (P ≤ 1: this moves P's small values
-out of e4m3's subnormal range; the 256 is divided out at the end with the V scale). bf16 variant:
-the same loop with bf16 operands.
+online softmax in base 2 with the max kept in raw score units (one FMA per score for the exponent), P
+lifted by 2^8 before its FP8 cast (P ≤ 1: this moves P's small values out of e4m3's subnormal range;
+the row sum carries the same factor, so it cancels). bf16 variant: the same loop with bf16 operands.
+Default tile BM = BN = 128, 8 warps, 2 stages (the H100 sweeps of kernels/NOTES.md, session 7; TMA
+descriptor loads and Triton's Hopper warp specialization measured no faster there).
 
 Grid (query block, query head, sequence), longest query blocks first; the blocks strictly below the
 diagonal run without masks, the diagonal ones with the causal mask. Flops (causal) ≈ 2·S²·D per head
@@ -25,13 +27,15 @@ __all__ = ["prefill_attention", "prefill_attention_ref", "quant_qk_fp8", "quant_
            "v_layout", "v_from_store"]
 
 LOG2E = 1.4426950408889634
-P_SCALE = 256.0
 
 
 @jit
 def _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_ptr, v_ptr, ks_ptr,
-                sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, qk_scale,
-                FP8: tl.constexpr, MASK: tl.constexpr):
+                sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, FP8: tl.constexpr, MASK: tl.constexpr):
+    """One key block. The running max m_i is kept in raw units (q·kᵀ, × the k scale for FP8): the row factor
+    qsc (× log2 e) is positive, so the max commutes with it, and one FMA per score then gives the exponent
+    (FA-style). P_LOG2 lifts P by 2^8 before its FP8 cast (out of e4m3's subnormals); l_i carries the same
+    factor, so it cancels in acc / l_i."""
     cols = n0 + rn
     mn = cols < L
     tok = start + cols
@@ -46,14 +50,13 @@ def _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_p
             ksc = tl.load(ks_ptr + tok * sks_t + hk * sks_h, mask=mn, other=0.0)
         else:
             ksc = tl.load(ks_ptr + tok * sks_t + hk * sks_h)
-        s = s * qsc[:, None] * ksc[None, :]
-    else:
-        s = s * qk_scale
+        s = s * ksc[None, :]
     if MASK:
         s = tl.where((cols[None, :] <= rm[:, None]) & mn[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2((m_i - m_new) * qsc)
+    P_LOG2: tl.constexpr = 8.0 if FP8 else 0.0
+    p = tl.math.exp2(s * qsc[:, None] - (m_new * qsc - P_LOG2)[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_ptrs = v_ptr + vtok[:, None] * sv_t + hk * sv_h + rd[None, :] * sv_d
     if MASK:
@@ -61,7 +64,7 @@ def _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_p
     else:
         v = tl.load(v_ptrs)
     if FP8:
-        acc = mma(to_fp8(p * 256.0), v, acc * alpha[:, None])
+        acc = mma(to_fp8(p), v, acc * alpha[:, None])
     else:
         acc = mma(to_bf16(p), v, acc * alpha[:, None])
     return acc, l_i, m_new
@@ -94,18 +97,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, cu_ptr, vst_ptr
         if FP8:
             qsc = tl.load(qs_ptr + (start + rm) * sqs_t + hq, mask=mm, other=0.0) * qk_scale
         else:
-            qsc = tl.full((BM,), 1.0, tl.float32)
+            qsc = tl.full((BM,), 1.0, tl.float32) * qk_scale
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
         for n0 in range(0, m0, BN):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_ptr, v_ptr,
-                                        ks_ptr, sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, qk_scale, FP8, False)
+                                        ks_ptr, sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, FP8, False)
         for n0 in range(m0, tl.minimum(m0 + BM, L), BN):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qsc, n0, rm, rn, rd, start, vstart, L, hk, k_ptr, v_ptr,
-                                        ks_ptr, sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, qk_scale, FP8, True)
+                                        ks_ptr, sk_t, sk_h, sv_t, sv_h, sv_d, sks_t, sks_h, FP8, True)
         if FP8:
-            fin = tl.load(vs_ptr + hk) / 256.0 / l_i
+            fin = tl.load(vs_ptr + hk) / l_i
         else:
             fin = 1.0 / l_i
         o = acc * fin[:, None]
@@ -199,8 +202,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       sm_scale: float | None = None, q_scale: torch.Tensor | None = None,
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                       v_starts: torch.Tensor | None = None,
-                      out_dtype: torch.dtype = torch.bfloat16, BM: int = 128, BN: int = 64,
-                      num_warps: int = 8, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+                      out_dtype: torch.dtype = torch.bfloat16, BM: int = 128, BN: int = 128,
+                      num_warps: int = 8, num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence over itself (into `out` when given, unit stride along D).
     q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
     FP8 when q is float8_e4m3fn: then q_scale [T, Hq], k_scale [T, Hkv] (any strides; [Hkv, T]-contiguous

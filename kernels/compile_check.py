@@ -151,9 +151,9 @@ def main() -> int:
         starts, t_pad = pa.v_layout([40, 56])
         vst = torch.tensor(starts, dtype=torch.int32)
         v8, vs = pa.quant_v_fp8_t(k, cu, vst, t_pad, 56)
-        for c in (dict(BM=32, BN=32, num_warps=4, num_stages=2), dict(BM=128, BN=64, num_warps=4, num_stages=3),
-                  dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
-                  dict(BM=64, BN=64, num_warps=4, num_stages=3)):
+        for c in (dict(BM=32, BN=32, num_warps=4, num_stages=2), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+                  dict(BM=128, BN=128, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=2),
+                  dict(BM=64, BN=128, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3)):
             chk(f"prefill fp8 {HQ}/{HKV}/{D} {c}",
                 lambda: pa.prefill_attention(q8, k8, v8, cu, 56, q_scale=qs, k_scale=ks.t().contiguous().t(),
                                              v_scale=vs, v_starts=vst, **c))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fineserve_core.quant.formats import W4_EXACT_MAX_ROWS
 from kernels.gemm_w4a8 import GemmConfig
 
 # W4A8 GEMM for plain / +residual epilogues, by M (first row whose max M fits). Run 3 (2026-11-24,
@@ -30,7 +31,8 @@ GEMM_TABLE: list[tuple[int, GemmConfig, int, int]] = [
     (32, GemmConfig("triton", BM=32, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=4, asm=True), 4, 8),
     (64, GemmConfig("triton", BM=64, BN=64, SPLIT_K=4, SWAP_AB=True, num_warps=4, num_stages=3, asm=True, GPI=2),
      2, 4),
-    (128, GemmConfig("triton", BM=64, BN=128, SPLIT_K=1, SWAP_AB=True, num_warps=8, num_stages=3, asm=True), 1, 2),
+    (W4_EXACT_MAX_ROWS,  # = 128; above it two_step, whose FP8 weights the CPU forward mirrors
+     GemmConfig("triton", BM=64, BN=128, SPLIT_K=1, SWAP_AB=True, num_warps=8, num_stages=3, asm=True), 1, 2),
     (1 << 62, GemmConfig("two_step"), 0, 0),
 ]
 

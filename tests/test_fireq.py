@@ -15,7 +15,7 @@ from fineserve_core.llama import Attention, Rotary, apply_rotary
 from fineserve_core.paged_kv import PagedKVCache
 from fineserve_core.quant import fireq
 from fineserve_core.quant.formats import (
-    fp8_linear_ref, quantize_fp8_weight, quantize_w4, w4a8_linear_ref,
+    W4_EXACT_MAX_ROWS, fp8_linear_ref, quantize_fp8_weight, quantize_w4, w4a8_linear_ref,
 )
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=1, num_heads=4,
@@ -189,6 +189,22 @@ def test_quantized_linears_match_references(gen, dtype):
     assert nq.pow2_value == 1.0
     wd = nq.cached_weight()
     torch.testing.assert_close(nq(x).float(), (x.float() @ wd.t()).to(dtype).float())
+
+
+def test_w4a8_linear_rows_pick_the_numerics_of_the_cuda_path(gen):
+    """Up to W4_EXACT_MAX_ROWS rows the CPU forward keeps q·s exact (the Triton GEMM), above it each q·s is
+    rounded to FP8 (the unpack + cuBLAS FP8 GEMM), and `kernels.tuned` switches at the same row count."""
+    from kernels.tuned import gemm_config
+    wf = rand(gen, 64, 256, scale=0.05, dtype=torch.float32)
+    lin = make_linear("w4a8kv4", wf, torch.float32)
+    w = quantize_w4(wf)
+    for rows, fp8w in ((W4_EXACT_MAX_ROWS, False), (W4_EXACT_MAX_ROWS + 1, True)):
+        x = rand(gen, rows, 256, scale=2.0, dtype=torch.float32)
+        assert torch.equal(lin(x), w4a8_linear_ref(x, w, fp8_weights=fp8w))
+        assert not torch.equal(lin(x), w4a8_linear_ref(x, w, fp8_weights=not fp8w))
+        for N, K in ((6144, 4096), (28672, 4096), (4096, 14336)):     # every projection shape: no row split
+            for epi in (0, 1):
+                assert (gemm_config(rows, N, K, epi).path == "two_step") == fp8w
 
 
 def test_gptq_keeps_the_format_and_beats_rtn_on_the_layer_output(gen):

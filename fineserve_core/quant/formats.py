@@ -302,6 +302,15 @@ def dequantize_fp8_per_token(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.
     return x_fp8.float() * scale
 
 
+#: The engine's W4A8 GEMM has two numerics, by the rows (tokens) of the call: up to this many (decode
+#: steps, short prompts) q·s enters the MMA exactly; above it the GEMM unpacks the weights to FP8 once
+#: and runs cuBLAS FP8, which rounds each q·s to e4m3 (FireQ's LUT numerics, ``fp8_weights=True``
+#: below) — exact group scales would cost the FP8 speed (kernels/NOTES.md, session 7). `kernels.tuned`
+#: dispatches on this number and the CPU forward (`linear.W4A8Linear`) mirrors it, so both engines
+#: compute one function.
+W4_EXACT_MAX_ROWS = 128
+
+
 def w4a8_linear_ref(x: torch.Tensor, w: W4Weight, out_dtype: torch.dtype | None = None,
                     *, fp8_weights: bool = False) -> torch.Tensor:
     """Reference W4A8 GEMM: x [..., K] (any float dtype) × W4 [N, K] → [..., N] in out_dtype (default x.dtype).
