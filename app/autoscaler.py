@@ -7,18 +7,21 @@ enforce, and asks `placement.place("fineserve", ...)` for the DP count that meet
 (FineServe step B: dp grows until rate_min_bs <= min(slo_max_bs, cache_max_bs)). The count is clamped
 to [1, max_replicas] and to the GPU share the other tiers leave; a smaller count is applied only after
 the plans asked for it `downscale_delay_s` in a row, so a short lull does not tear replicas down.
-No Ray here: the controller feeds it and applies what it returns.
+With `moves` on, `colocation` also reads where the plan puts each tier: the plan's GPU labels are matched
+to the node's GPUs so that as many tiers as possible stay where they run, and a tier whose GPU holds none
+of its planned replicas is to move to the GPU that holds most of them, once plans have asked for that
+`move_delay_s` in a row. No Ray here: the controller feeds it and applies what it returns.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from app.config import AppConfig, ModelDeployment
 from fineserve_core.cost_model import AVG_INPUT_LEN, AVG_OUTPUT_LEN, CostModel
 from fineserve_core.model_source import resolve_model
-from fineserve_core.placement import GiB, ClusterSpec, ModelSpec, PlacementConfig, place
+from fineserve_core.placement import GiB, ClusterSpec, ModelSpec, Plan, PlacementConfig, place
 
 COUNTED = ("arrivals", "overflowed", "finished", "slo_met", "dropped", "prompt_tokens", "requested_tokens",
            "output_tokens")
@@ -93,12 +96,21 @@ class Decision:
     reason: str
 
 
+@dataclass(slots=True)
+class Move:
+    tier: str
+    gpu: int                         # where the plan puts it
+    reason: str
+
+
 class Autoscaler:
     def __init__(self, cfg: AppConfig, cost: CostModel, memory_per_gpu: float):
         self.cfg, self.cost = cfg, cost
         self.cluster = ClusterSpec(1, cfg.num_gpus, memory_per_gpu=memory_per_gpu,
                                    gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.down_since: dict[str, float] = {}
+        self.move_since: dict[tuple[str, int], float] = {}     # (tier, GPU) -> first plan asking for it
+        self.last_plan: Plan | None = None
         self.lengths = (AVG_INPUT_LEN, AVG_OUTPUT_LEN)     # ShareGPT's means until requests were seen
         self.shapes = {m.tier: resolve_model(m.source or m.name).config for m in cfg.models}
 
@@ -136,7 +148,7 @@ class Autoscaler:
             return out
         self.lengths = self._lengths([loads[s.name] for s in specs])
         pcfg = PlacementConfig(avg_input_len=self.lengths[0], avg_output_len=self.lengths[1])
-        plan = place("fineserve", specs, self.cluster, self.cost, pcfg)
+        plan = self.last_plan = place("fineserve", specs, self.cluster, self.cost, pcfg)
         targets = dict(current)
         for m in self.cfg.models:
             if m.tier not in notes:
@@ -164,3 +176,36 @@ class Autoscaler:
             targets[m.tier] = target
             out.append(Decision(m.tier, cur, target, target != cur, why))
         return out
+
+    def colocation(self, now: float, ready: set[str]) -> list[Move]:
+        """The moves the last plan asks for that are due (held `move_delay_s`), for tiers of TP 1 among
+        `ready` (serving: a tier still starting up is not moved, and its hold starts once it serves)."""
+        if self.last_plan is None:
+            return []
+        planned = {t: [g for r in mp.replicas for g in r.gpus] for t, mp in self.last_plan.models.items()
+                   if mp.tp == 1 and mp.placed}
+        at = {m.tier: m.gpu for m in self.cfg.models if m.tier in planned}
+        # the plan numbers GPUs afresh: match its labels to the GPUs the tiers run on, most overlap first
+        overlap = Counter((g, at[t]) for t, gs in planned.items() for g in set(gs))
+        label: dict[int, int] = {}
+        for (g, phys), _ in sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0])):
+            if g not in label and phys not in label.values():
+                label[g] = phys
+        free = iter(sorted(set(range(self.cfg.num_gpus)) - set(label.values())))
+        for g in sorted({g for gs in planned.values() for g in gs} - set(label)):
+            label[g] = next(free)
+        moves, wanted = [], set()
+        for t, gs in planned.items():
+            on = [label[g] for g in gs]
+            if at[t] in on or t not in ready:
+                continue
+            (dst, n), = Counter(sorted(on)).most_common(1)
+            wanted.add((t, dst))
+            since = self.move_since.setdefault((t, dst), now)
+            if now - since >= self.cfg.autoscale.move_delay_s:
+                moves.append(Move(t, dst, f"the plan puts {n} of {len(on)} replica(s) of {t} on GPU {dst} and none "
+                                          f"on GPU {at[t]}, where it runs (plans asked for it {now - since:.0f}s in a "
+                                          f"row; plan GPUs matched to the running ones to keep the most tiers in place)"))
+        self.move_since = {k: v for k, v in self.move_since.items() if k in wanted}
+        return moves
+

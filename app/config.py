@@ -91,6 +91,10 @@ class AutoscaleOptions(Strict):
     min_rate_delta: float = Field(0.5, ge=0)         # ... and by at least this many requests/s
     downscale_delay_s: float = Field(15.0, ge=0)     # fewer replicas only once plans asked for it this long
     max_replicas: int = Field(8, ge=1)               # per tier
+    # also apply the plan's co-location: move a tier (live, `Controller.move`) to the GPU the placement
+    # puts it on, once plans have asked for that move `move_delay_s` in a row; one move at a time
+    moves: bool = False
+    move_delay_s: float = Field(30.0, ge=0)
     memory_per_gpu_gib: float | None = Field(None, gt=0)   # None: the GPU's memory (CPU: 16 GiB)
     cost_device: str = "auto"                        # cost table tag (cpu, h100); auto: from the device
 

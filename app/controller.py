@@ -8,7 +8,8 @@ thread re-plans every `period_s` and at once when a tier's rate shifts, through 
 with `external_scaler_enabled: true`). Serve starts a new replica before it counts, and stops a removed
 one gracefully (its in-flight requests finish); the slab manager reclaims the blocks of a replica that
 is gone. `move(tier, gpu)` re-places a tier live: new replicas on the target GPU first, then the old ones
-drain, then the old GPU's slab manager frees their blocks. Every decision is kept with its reason
+drain, then the old GPU's slab manager frees their blocks; with `autoscale.moves` the plans call it too,
+for a tier the placement puts on another GPU (`Autoscaler.colocation`). Every decision is kept with its reason
 (`decisions()`, GET /v1/fineserve/placement) and logged.
 """
 from __future__ import annotations
@@ -241,10 +242,13 @@ class Controller:
             held = any(now - t >= a.downscale_delay_s for t in self.scaler.down_since.values())
             if trigger is None and held:
                 trigger = "a held scale-down is due"
+            if trigger is None and a.moves and any(now - t >= a.move_delay_s for t in self.scaler.move_since.values()):
+                trigger = "a held move is due"
             if trigger is None:
                 return
             self.last_plan, self.planned_rates = now, {t: v.rate for t, v in loads.items()}
             decisions = self.scaler.plan(loads, dict(self.replicas), now)
+            moves = self.scaler.colocation(now, set(self.apps)) if a.moves and not self.moving else []
         for d in decisions:
             if d.apply:
                 ok, err = self._apply(d.tier, d.target)
@@ -255,6 +259,10 @@ class Controller:
             elif d.target != d.current and self.scaler.down_since.get(d.tier) == now:
                 self._decide({"tier": d.tier, "from": d.current, "to": d.target, "applied": False,
                               "trigger": trigger, "reason": d.reason})      # a hold, logged when it starts
+        for mv in moves:                      # the plan's co-location, one move at a time
+            if self.move(mv.tier, mv.gpu, f"plan ({trigger}): {mv.reason}")["accepted"]:
+                break
+            self.scaler.move_since.pop((mv.tier, mv.gpu), None)     # refused: asked again only after the delay
 
     def _apply(self, tier: str, n: int) -> tuple[bool, str]:
         """Ask Serve for `n` replicas of a tier (external scaler API)."""

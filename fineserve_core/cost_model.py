@@ -21,21 +21,24 @@ estimator (papers.md 1.5 Step B):
     throughput(b, I, O)  = b / (ttft_est(b, I) + decode_step(b) * O)          (requests/s)
     ttft_per_token       = prefill_per_token(1)     (SAAB's linear TTFT model)
 
-A **roofline model** fills entries we cannot measure (30B/65B shapes, TP > 1, no GPU): per step
-`t = overhead + bytes / (HBM_BW * bw_eff) + flops / (peak[precision] * compute_eff) + TP all-reduces`,
-with bytes = weights read (bf16 2 B/param, fp8 1, w4a8kv4 0.53 on the decoder's linear layers;
-embedding and lm_head stay bf16 as in our engine) + KV read/written (KVFormat bytes per token), flops =
-2 * linear params per token + attention; H100 ceilings from DESIGN.md (3.0 TB/s copy, 722 TF/s bf16,
-1281 TF/s fp8; w4a8kv4 runs its GEMMs on FP8 tensor cores). The efficiencies and overheads are fitted
-per precision to FineServe's published H100 profile of Llama-3.1-8B (papers.md 1.9, MPS 100 %, input
-512: TTFT at batch 1 and 32, TPOT at batch 1 and 32), the all-reduce latency to its Llama-3.1-70B TP4
-bf16 TPOT at batch 1; `roofline_validation()` reports the error on the other rows (32B TP2, 70B TP4).
-Those measurements were taken with vLLM/QServe, not our engine: every roofline entry says so and is
-labelled `estimate: true`.
+A **roofline model** fills entries we cannot measure on one H100 (30B/65B/70B/32B shapes, TP > 1):
+per step `t = overhead + bytes / (HBM_BW * bw_eff) + flops / (peak[precision] * compute_eff) + TP
+all-reduces`, with bytes = weights read (bf16 2 B/param, fp8 1, w4a8kv4 0.53 on the decoder's linear
+layers; embedding and lm_head stay bf16 as in our engine) + KV read/written (KVFormat bytes per token),
+flops = 2 * linear params per token + attention; H100 ceilings from DESIGN.md (3.0 TB/s copy, 722 TF/s
+bf16, 1281 TF/s fp8; w4a8kv4 runs its GEMMs on FP8 tensor cores). The overhead and the two
+efficiencies are fitted per precision and per phase (prefill, decode) to our engine's measured H100
+table (`cost_tables/h100-measured.json`, non-negative least squares on relative errors), so they are
+fit parameters, not physical efficiencies (a decode "compute_eff" > 1 absorbs per-sequence costs the
+flop count does not hold). `roofline_validation()` fits each precision to two of the three measured
+shapes and reports the error on the third. The all-reduce latency (one GPU cannot measure it) is fitted
+to FineServe's published Llama-3.1-70B TP4 bf16 TPOT at batch 1 (vLLM on H100s). Every roofline entry
+says so and is labelled `estimate: true`.
 
 `profile(engine_factory, batch_grid, input_lens)` measures an entry with our real Engine (used by
-`fineserve profile`, see `add_cli`). Shipped: `cost_tables/cpu-smollm2-135m.json` (measured on CPU) and
-`cost_tables/h100-roofline.json` (estimates). Measured H100 tables: TODO (cost_tables/README.md).
+`fineserve profile`, see `add_cli`). Shipped: `cost_tables/h100-measured.json` (our engine on one H100:
+7B/8B/13B shapes x bf16/fp8/w4a8kv4, TP 1), `cost_tables/h100-roofline.json` (estimates; measured
+entries win over them) and `cost_tables/cpu-smollm2-135m.json` (measured on CPU).
 
 No Ray, no GPU needed.
 """
@@ -474,18 +477,31 @@ H100 = Hardware()
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """t = overhead + bytes / (BW * bw_eff) + flops / (peak * compute_eff) (+ TP all-reduces)."""
+class PhaseFit:
+    """One phase (prefill or decode) of one precision: t = overhead + bytes / (BW * bw_eff) + flops /
+    (peak * compute_eff)."""
+    overhead_s: float
     bw_eff: float
     compute_eff: float
-    prefill_overhead_s: float
-    decode_overhead_s: float
+
+    def time(self, nbytes: float, flops: float, precision: str, hw: Hardware) -> float:
+        return self.overhead_s + nbytes / (hw.hbm_bytes_per_s * self.bw_eff) + flops / (hw.peak_flops[precision] * self.compute_eff)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    prefill: PhaseFit
+    decode: PhaseFit
     source: str = ""
 
 
+#: The measured table of our engine on the lent H100 that the roofline is calibrated on.
+MEASURED_TABLE = TABLES_DIR / "h100-measured.json"
+
 # FineServe's apex-cost.csv at MPS 100 %, input 512, output 256 (papers.md 1.9; vLLM 0.9.1 / QServe on
-# H100): (shape, our precision, tp, TTFT bs1, TTFT bs32, TPOT bs1, TPOT bs32), seconds. qformat "org"
-# = bf16, "fp8_kv8" = fp8 (W8A8 + FP8 KV), "qoq" (QServe W4A8KV4) = w4a8kv4. AWQ has no counterpart.
+# H100): (shape, our precision, tp, TTFT bs1, TTFT bs32, TPOT bs1, TPOT bs32), seconds. Only its 70B TP4
+# bf16 TPOT at batch 1 is used (the all-reduce latency, which one GPU cannot measure); the others are
+# compared with our engine in `roofline_validation` (vLLM/QServe, not ours).
 APEX_REFERENCE = (
     ("llama-3-8b-shape", "bf16", 1, 0.016, 0.378, 0.0080, 0.0096),     # llama-3.1-8b org
     ("llama-3-8b-shape", "fp8", 1, 0.013, 0.299, 0.0102, 0.0111),      # llama-3.1-8b fp8_kv8
@@ -523,18 +539,17 @@ def _step_counts(cfg: LlamaConfig, precision: str, tp: int, prefill: bool, batch
 def roofline_time(cfg: LlamaConfig, precision: str, tp: int, prefill: bool, batch: int, tokens: int = 1,
                   ctx: float = 0.0, cal: Calibration | None = None, hw: Hardware = H100,
                   allreduce_latency_s: float | None = None) -> float:
-    cal = cal or CALIBRATION
+    cal = cal or CALIBRATION[precision]
     lat = ALLREDUCE_LATENCY_S if allreduce_latency_s is None else allreduce_latency_s
     nbytes, flops, ar = _step_counts(cfg, precision, tp, prefill, batch, tokens, ctx)
-    t = (cal.prefill_overhead_s if prefill else cal.decode_overhead_s)
-    t += nbytes / (hw.hbm_bytes_per_s * cal.bw_eff) + flops / (hw.peak_flops[precision] * cal.compute_eff)
+    t = (cal.prefill if prefill else cal.decode).time(nbytes, flops, precision, hw)
     if tp > 1:                     # two all-reduces per layer (attention out, MLP out), ring algorithm
         t += 2 * cfg.num_layers * (lat + 2 * (tp - 1) / tp * ar / hw.link_bytes_per_s)
     return t
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0 (tiny active-set loop; 4 unknowns)."""
+    """Least squares with x >= 0 (tiny active-set loop; 3 unknowns)."""
     free = list(range(A.shape[1]))
     x = np.zeros(A.shape[1])
     while free:
@@ -547,64 +562,85 @@ def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def fit_calibration(ttft1: float, ttft32: float, tpot1: float, tpot32: float, precision: str = "bf16",
-                    shape: str = "llama-3-8b-shape", hw: Hardware = H100, bw_eff: float | None = 1.0,
-                    source: str = "") -> Calibration:
-    """Fit the calibration to four TP-1 measurements at input 512 (TTFT and TPOT at batch 1 and 32).
-
-    `bw_eff` fixed (default 1.0: weights and KV stream at the measured 3.0 TB/s copy ceiling) leaves
-    three unknowns (compute_eff, two overheads) for four points; None fits it too (ill-conditioned:
-    four points, four unknowns). Non-negative least squares."""
-    cfg = resolve_shape(shape)
-    ctx = APEX_INPUT + APEX_OUTPUT / 2
-    rows, ys = [], []
-    for prefill, b, y in ((True, 1, ttft1), (True, 32, ttft32), (False, 1, tpot1), (False, 32, tpot32)):
-        nb, fl, _ = _step_counts(cfg, precision, 1, prefill, b, APEX_INPUT, ctx)
-        if bw_eff is not None:
-            y -= nb / (hw.hbm_bytes_per_s * bw_eff)
-            nb = 0.0
-        # unknowns: s per GB, s per TFLOP, prefill overhead, decode overhead
-        rows.append([nb / 1e9, fl / 1e12, 1.0 if prefill else 0.0, 0.0 if prefill else 1.0])
-        ys.append(y)
-    a, c, op, od = _nnls(np.array(rows), np.array(ys))
-    if bw_eff is None:
-        bw_eff = 1.0 / (a / 1e9 * hw.hbm_bytes_per_s) if a > 0 else 1.0
-    ce = 1.0 / (c / 1e12 * hw.peak_flops[precision]) if c > 0 else 1.0
-    return Calibration(round(float(bw_eff), 4), round(float(ce), 4), round(float(op), 6), round(float(od), 6), source)
+def _measured_points(e: CostEntry, prefill: bool) -> list[tuple[float, float, float]]:
+    """(bytes, flops, seconds) of every grid point of a measured TP-1 entry, for one phase."""
+    cfg = resolve_shape(e.model)
+    if prefill:
+        return [(*_step_counts(cfg, e.precision, 1, True, b, L, 0.0)[:2], e.prefill_time[i][j])
+                for i, b in enumerate(e.batch_sizes) for j, L in enumerate(e.input_lens)]
+    return [(*_step_counts(cfg, e.precision, 1, False, b, 1, e.decode_ctx)[:2], e.decode_step[i])
+            for i, b in enumerate(e.batch_sizes)]
 
 
-def _fit() -> tuple[Calibration, float]:
-    shape, prec, _, t1, t32, d1, d32 = APEX_REFERENCE[0]
-    cal = fit_calibration(t1, t32, d1, d32, prec, shape,
-                          source="bf16 Llama-3.1-8B TP1 of FineServe's apex-cost.csv (papers.md 1.9), "
-                                 "bw_eff fixed at 1.0; applied to every precision with its own peak")
-    # all-reduce latency from the 70B bf16 TP4 TPOT at batch 1
+def _fit_phase(points: Sequence[tuple[float, float, float]], precision: str, hw: Hardware) -> PhaseFit:
+    """Non-negative least squares of t = o + a·bytes + c·flops on relative residuals (every grid
+    point weighs the same, from a batch-1 step of a few ms to a 2 s prefill)."""
+    A = np.array([[1.0 / t, nb / t, fl / t] for nb, fl, t in points])
+    o, a, c = _nnls(A, np.ones(len(points)))
+    bw = 1.0 / (a * hw.hbm_bytes_per_s) if a > 0 else math.inf       # inf: that term is not needed
+    ce = 1.0 / (c * hw.peak_flops[precision]) if c > 0 else math.inf
+    return PhaseFit(round(float(o), 7), round(float(bw), 4), round(float(ce), 4))
+
+
+def fit_calibration(entries: Sequence[CostEntry], precision: str, hw: Hardware = H100) -> Calibration:
+    """Fit one precision's prefill and decode to measured TP-1 entries of our engine (every shape given)."""
+    es = [e for e in entries if e.precision == precision and e.tp == 1 and not e.estimate]
+    if not es:
+        raise ValueError(f"no measured TP-1 entries for {precision}")
+    pts = {ph: [p for e in es for p in _measured_points(e, ph)] for ph in (True, False)}
+    return Calibration(_fit_phase(pts[True], precision, hw), _fit_phase(pts[False], precision, hw),
+                       f"fitted to our engine on the H100 ({', '.join(sorted(e.model for e in es))}; "
+                       f"{MEASURED_TABLE.name})")
+
+
+def _fit() -> tuple[dict[str, Calibration], float]:
+    measured = CostTable.load(MEASURED_TABLE).entries
+    cal = {p: fit_calibration(measured, p) for p in PRECISIONS}
+    # all-reduce latency from FineServe's 70B bf16 TP4 TPOT at batch 1 (no multi-GPU machine here)
     shape, prec, tp, _, _, d1, _ = next(r for r in APEX_REFERENCE if r[0] == "llama-3-70b-shape" and r[1] == "bf16")
     cfg = resolve_shape(shape)
-    base = roofline_time(cfg, prec, tp, False, 1, ctx=APEX_INPUT + APEX_OUTPUT / 2, cal=cal, allreduce_latency_s=0.0)
+    base = roofline_time(cfg, prec, tp, False, 1, ctx=APEX_INPUT + APEX_OUTPUT / 2, cal=cal[prec],
+                         allreduce_latency_s=0.0)
     return cal, round(float(max(0.0, (d1 - base) / (2 * cfg.num_layers))), 8)
 
 
-#: One calibration for all precisions: our kernels' targets (DESIGN.md) are the same fraction of each
-#: precision's ceiling. FineServe's own fp8/QoQ rows are slower than that (vLLM 0.9's FP8 decode is
-#: slower than its bf16 decode): roofline_validation() shows the gap; a measured table replaces this.
+#: Per precision, fitted to our engine's measured H100 table (`h100-measured.json`); the roofline
+#: fills what one H100 cannot measure (30B/65B/70B/32B shapes, TP > 1) from these.
 CALIBRATION, ALLREDUCE_LATENCY_S = _fit()
 
 
+def _entry_error(e: CostEntry, cal: Calibration) -> dict:
+    """Relative errors of the roofline with `cal` against a measured entry's grid."""
+    cfg = resolve_shape(e.model)
+    pre = [roofline_time(cfg, e.precision, 1, True, b, L, cal=cal) / e.prefill_time[i][j] - 1
+           for i, b in enumerate(e.batch_sizes) for j, L in enumerate(e.input_lens)]
+    dec = [roofline_time(cfg, e.precision, 1, False, b, ctx=e.decode_ctx, cal=cal) / e.decode_step[i] - 1
+           for i, b in enumerate(e.batch_sizes)]
+    return {"prefill_max_abs_rel_error": round(max(map(abs, pre)), 3),
+            "prefill_mean_abs_rel_error": round(statistics.mean(map(abs, pre)), 3),
+            "decode_max_abs_rel_error": round(max(map(abs, dec)), 3),
+            "decode_mean_abs_rel_error": round(statistics.mean(map(abs, dec)), 3)}
+
+
 def roofline_validation() -> list[dict]:
-    """Roofline vs every APEX_REFERENCE row (which rows were fitted is marked)."""
+    """Leave one shape out: for each measured entry, the roofline fitted to the OTHER shapes of its
+    precision against its grid (how well the fit carries to a shape it has not seen, as it must for
+    30B/65B). Then FineServe's apex rows (vLLM/QServe on an H100, not our engine) for comparison."""
+    measured = CostTable.load(MEASURED_TABLE).entries
     out = []
+    for e in measured:
+        others = [o for o in measured if o.precision == e.precision and o.model != e.model]
+        out.append({"shape": e.model, "precision": e.precision, "tp": 1, "fitted_on": sorted(o.model for o in others),
+                    **_entry_error(e, fit_calibration(others, e.precision))})
     for shape, prec, tp, t1, t32, d1, d32 in APEX_REFERENCE:
         cfg, ctx = resolve_shape(shape), APEX_INPUT + APEX_OUTPUT / 2
         pred = (roofline_time(cfg, prec, tp, True, 1, APEX_INPUT), roofline_time(cfg, prec, tp, True, 32, APEX_INPUT),
                 roofline_time(cfg, prec, tp, False, 1, ctx=ctx), roofline_time(cfg, prec, tp, False, 32, ctx=ctx))
-        meas = (t1, t32, d1, d32)
-        fitted = ("all four (calibration)" if (tp, prec) == (1, "bf16") else
-                  "TPOT bs1 (all-reduce latency)" if (shape, prec) == ("llama-3-70b-shape", "bf16") else "none (held out)")
-        out.append({"shape": shape, "precision": prec, "tp": tp, "fitted": fitted,
-                    **{f"{k}_measured": m for k, m in zip(("ttft_bs1", "ttft_bs32", "tpot_bs1", "tpot_bs32"), meas)},
-                    **{f"{k}_roofline": round(p, 5) for k, p in zip(("ttft_bs1", "ttft_bs32", "tpot_bs1", "tpot_bs32"), pred)},
-                    "max_abs_rel_error": round(max(abs(p / m - 1) for p, m in zip(pred, meas)), 3)})
+        out.append({"shape": shape, "precision": prec, "tp": tp,
+                    "apex": "FineServe apex-cost.csv (vLLM/QServe)" + (", TPOT bs1 fitted (all-reduce latency)"
+                                                                      if (shape, prec) == ("llama-3-70b-shape", "bf16") else ""),
+                    **{f"{k}_apex": m for k, m in zip(("ttft_bs1", "ttft_bs32", "tpot_bs1", "tpot_bs32"), (t1, t32, d1, d32))},
+                    **{f"{k}_roofline": round(p, 5) for k, p in zip(("ttft_bs1", "ttft_bs32", "tpot_bs1", "tpot_bs32"), pred)}})
     return out
 
 
@@ -620,12 +656,11 @@ def roofline_entry(model: str, precision: str, tp: int, *, hw: Hardware = H100,
     ctx = statistics.mean(input_lens) + output_len / 2
     pre = [[roofline_time(cfg, precision, tp, True, b, L, hw=hw) for L in input_lens] for b in batches]
     dec = [roofline_time(cfg, precision, tp, False, b, ctx=ctx, hw=hw) for b in batches]
-    c = CALIBRATION
+    c = CALIBRATION[precision]
     return CostEntry(model, precision, tp, list(batches), list(input_lens), pre, dec, output_len, ctx, 100, True,
                      hw.name, "roofline",
-                     f"ESTIMATE (roofline): {c.source}; bw_eff {c.bw_eff}, compute_eff {c.compute_eff}, "
-                     f"overheads {c.prefill_overhead_s * 1e3:.2f}/{c.decode_overhead_s * 1e3:.2f} ms; "
-                     f"all-reduce {ALLREDUCE_LATENCY_S * 1e6:.1f} us (fitted to apex 70B TP4)",
+                     f"ESTIMATE (roofline): {c.source}; prefill {asdict(c.prefill)}, decode {asdict(c.decode)}; "
+                     f"all-reduce {ALLREDUCE_LATENCY_S * 1e6:.1f} us (fitted to FineServe's apex 70B TP4)",
                      {"weight_bytes_per_gpu": weight_bytes(cfg, precision) / tp,
                       "kv_bytes_per_token_per_gpu": kv_bytes_per_token(cfg, precision, tp)})
 
@@ -730,10 +765,17 @@ def cmd_profile(args) -> int:
     from fineserve_core.engine import Engine
     from fineserve_core.results import device_tag
 
+    from fineserve_core.model_source import resolve_model
+    max_tokens = max(args.batch) * (max(args.input_len) + args.output_len + 1)
+    if args.kv_cache_mib:
+        kv_bytes = args.kv_cache_mib << 20
+    else:   # what the grid's largest batch holds, not the engine's default (90 % of the GPU), which
+        # leaves a one-step prefill of max(batch) x max(input) tokens no room for its activations
+        kv_bytes = int(1.25 * max_tokens * kv_bytes_per_token(resolve_model(args.model).config, args.precision)) + (256 << 20)
+
     def factory():
         return Engine(EngineConfig(model=args.model, precision=args.precision, dtype=args.dtype, device=args.device,
-                                   max_num_seqs=max(args.batch), kv_cache_bytes=args.kv_cache_mib << 20
-                                   if args.kv_cache_mib else None,
+                                   max_num_seqs=max(args.batch), kv_cache_bytes=kv_bytes,
                                    max_num_batched_tokens=max(2048, max(args.batch) * (max(args.input_len) + 1))))
 
     t0 = time.perf_counter()
@@ -765,7 +807,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, nargs="+", default=[256, 512])
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--kv-cache-mib", type=int, help="private KV buffer size (default: the engine's)")
+    p.add_argument("--kv-cache-mib", type=int, help="private KV buffer size (default: 1.25 x what the largest "
+                   "batch of the grid holds)")
     p.add_argument("--out", help="table path (default: fineserve_core/cost_tables/<device>-<model>.json; "
                                  "entries are merged into an existing file)")
     p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging")
@@ -787,7 +830,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(build_roofline_table().save(args.out))
         return 0
     if args.cmd == "validate":
-        print(json.dumps({"calibration": asdict(CALIBRATION),
+        print(json.dumps({"calibration": {p: asdict(c) for p, c in CALIBRATION.items()},
                           "allreduce_latency_s": ALLREDUCE_LATENCY_S, "rows": roofline_validation()}, indent=1))
         return 0
     return args.fn(args)

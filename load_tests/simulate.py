@@ -48,8 +48,9 @@ Metrics (FineServe 1.7, DESIGN.md): SLO attainment = share of requests with TTFT
 attainment (also TPOT <= TPOT SLO); token throughput = output tokens / span; goodput; p50/p90/p99
 TTFT, TPOT, e2e over completed requests.
 
-Scenarios (costs: `fineserve_core/cost_tables/h100-roofline.json`, every entry a roofline ESTIMATE
-calibrated on FineServe's published H100 profile; no measured H100 table of our engine exists yet):
+Scenarios (costs: `fineserve_core/cost_tables/h100-measured.json`, our engine measured on one H100, for
+the 7B/8B/13B shapes at TP 1; every other entry (30B/65B/70B/32B, TP > 1) from `h100-roofline.json`, a
+roofline ESTIMATE calibrated on that measured table; `cost_estimated` in the results lists them):
   muxserve-32   MuxServe's end-to-end setup (benchmark/end_to_end/bench_end_to_end_muxserve.py):
                 19 LLaMA models (12 x 7B, 4 x 13B, 2 x 30B, 1 x 65B, in that order) on 4 nodes x 8
                 GPUs (H100 80 GB here; A100 in MuxServe), rate_i = 40 x scale x (i+1)^-alpha in list
@@ -581,7 +582,8 @@ def plot(rows: list[dict], sc: Scenario, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("TTFT SLO attainment (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{sc.name}: simulated, costs are roofline ESTIMATES (H100)", fontsize=9)
+    fig.suptitle(f"{sc.name}: simulated; costs: our engine measured on one H100 (7B/8B/13B, TP 1), "
+                 "roofline ESTIMATES fitted to it for the rest", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -660,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                "sim_config": vars(SimConfig()), "placement_config": vars(PlacementConfig()),
                "cost_tables": [str(p.name) for p in sorted((Path(__file__).resolve().parent.parent / "fineserve_core"
                                                             / "cost_tables").glob("h100-*.json"))],
-               "cost_estimated": all(d["estimate"] for d in cost_used), "cost_entries_used": cost_used,
+               "cost_estimated": sorted({f"{d['model']} {d['precision']} tp{d['tp']}" for d in cost_used if d["estimate"]}),
+               "cost_entries_used": cost_used,
                "merged_from": args.merge, "headline": head, "rows": rows, "plans_at_scale_1": plans}
     name = (f"simulate-{sc.name}" + ("" if args.precisions == "mixed" else f"-{args.precisions}")
             + (f"-rotate{args.rotate:g}" if args.rotate else "") + ("-quick" if args.quick else ""))

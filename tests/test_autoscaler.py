@@ -69,3 +69,27 @@ def test_no_cost_entry_keeps_the_count():
     c = AppConfig(models=[{"name": "llama-2-7b-shape", "precision": "bf16"}], autoscale={"enabled": True})
     [d] = Autoscaler(c, CostModel.default("cpu"), 16 * GiB).plan(RateMeter(4).loads([tier], 0.0), {tier: 1}, 0.0)
     assert not d.apply and "no cost entry" in d.reason
+
+
+def test_colocation_moves_a_tier_where_the_plan_puts_it_once_held():
+    """Both tiers run on GPU 0 of two; the placement puts them on separate GPUs. Its GPU labels are matched to
+    the running ones (bf16, placed first, stays), w4a8kv4 is to move to GPU 1, but only once plans have asked
+    for it move_delay_s in a row while it serves. Tiers already where the plan puts them do not move."""
+    c = cfg(move_delay_s=10, moves=True)
+    together = c.model_copy(update={"models": [m.model_copy(update={"gpu": 0}) for m in c.models]})
+    s = Autoscaler(together, CostModel.default("cpu"), 16 * GiB)
+    s.plan(loads_at(0.5, 100.0), {BF16: 1, W4: 1}, 100.0)
+    gpus = {t: {g for r in mp.replicas for g in r.gpus} for t, mp in s.last_plan.models.items()}
+    assert len(gpus[BF16] | gpus[W4]) == 2 and not gpus[BF16] & gpus[W4]       # the plan separates them
+    assert s.colocation(100.0, {BF16, W4}) == []                       # held
+    s.plan(loads_at(0.5, 111.0), {BF16: 1, W4: 1}, 111.0)
+    assert s.colocation(111.0, {BF16}) == []                           # the mover (W4) is not serving yet
+    s.plan(loads_at(0.5, 112.0), {BF16: 1, W4: 1}, 112.0)
+    assert s.colocation(112.0, {BF16, W4}) == []                       # its hold starts now
+    s.plan(loads_at(0.5, 122.0), {BF16: 1, W4: 1}, 122.0)
+    [mv] = s.colocation(122.0, {BF16, W4})
+    assert (mv.tier, mv.gpu) == (W4, 1) and "none on GPU 0" in mv.reason
+    apart = Autoscaler(c, CostModel.default("cpu"), 16 * GiB)                  # bf16 on GPU 0, w4 on GPU 1
+    for t in (100.0, 200.0):
+        apart.plan(loads_at(0.5, t), {BF16: 1, W4: 1}, t)
+        assert apart.colocation(t, {BF16, W4}) == []

@@ -49,13 +49,13 @@ class StreamLoad:
     """Open-loop streamed completions at a fixed rate, in a thread, until stopped. Streams, so that a request
     cut mid-generation shows (an error event or no [DONE]) instead of being retried unseen."""
 
-    def __init__(self, base: str, rate: float):
-        self.base, self.rate, self.stop, self.results = base, rate, threading.Event(), []
+    def __init__(self, base: str, rate: float, model: str = BF16):
+        self.base, self.rate, self.model, self.stop, self.results = base, rate, model, threading.Event(), []
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()))
         self.thread.start()
 
     async def _one(self, c: httpx.AsyncClient) -> dict:
-        body = {"model": BF16, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+        body = {"model": self.model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         out = {"start": time.time(), "done": False, "tokens": None, "errors": []}
         try:

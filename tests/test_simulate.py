@@ -196,7 +196,9 @@ def test_quick_cli_writes_results_and_plot(tmp_path):
     d = json.loads(out.read_text())
     assert {"command", "device", "versions", "date"} <= set(d)             # write_result's run info
     assert {r["policy"] for r in d["rows"]} == {"fineserve", "static", "prism"}
-    assert d["cost_estimated"] and d["headline"] and len(d["models"]) == 19
+    assert d["headline"] and len(d["models"]) == 19
+    assert "llama-65b-shape bf16 tp4" in d["cost_estimated"]                 # no GPU measures 65B here
+    assert not any(e.startswith("llama-2-7b-shape") and e.endswith("tp1") for e in d["cost_estimated"])
     assert all(math.isfinite(r["slo_attainment"]) for r in d["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000
 
