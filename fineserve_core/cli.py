@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval_ppl)
 
-    bk = sub.add_parser("bench-kernels", add_help=False, help="time the Triton kernels against their baselines "
+    sub.add_parser("bench-kernels", add_help=False, help="time the Triton kernels against their baselines "
                         "(CUDA); writes load_tests/results/kernels-h100.json (see `bench-kernels --help`)")
 
     sv = sub.add_parser("serve", help="start a private Ray cluster on 127.0.0.1 and run a serve config")

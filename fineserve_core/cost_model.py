@@ -60,7 +60,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from fineserve_core.config import DEFAULT_TOKENS_PER_BLOCK, PRECISIONS, LlamaConfig
+from fineserve_core.config import PRECISIONS, LlamaConfig
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.model_source import PRESETS
 

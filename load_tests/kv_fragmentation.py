@@ -49,13 +49,13 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from fineserve_core.kv_format import KVFormat
-from fineserve_core.kv_slab import (BlockCache, FragmentationReport, KVOutOfMemory, KVSlabManager, ModelKVSpec,
+from fineserve_core.kv_slab import (FragmentationReport, KVOutOfMemory, KVSlabManager, ModelKVSpec,
                                     SlabPolicy, StaticPartitionAllocator, _ModelBook, resolve_policy)
 from fineserve_core.kv_trace import (SHAREGPT_LENGTHS, TraceRequest, piecewise_trace, replay_trace,
                                      synthetic_trace)

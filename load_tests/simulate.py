@@ -68,7 +68,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -77,7 +77,7 @@ import heapq
 import torch
 
 from fineserve_core.config import PRECISIONS
-from fineserve_core.cost_model import CostModel, CostProfile
+from fineserve_core.cost_model import CostModel
 from fineserve_core.kv_slab import BlockCache, KVOutOfMemory, ModelKVSpec, StaticPartitionAllocator
 from fineserve_core.placement import ClusterSpec, ModelSpec, Plan, PlacementConfig, place, slab_layout
 from fineserve_core.sampling import SamplingParams

@@ -1,5 +1,6 @@
 """The Ray Serve app on a private CPU cluster (127.0.0.1, one logical GPU), through real HTTP and the
 official `openai` client: two models share one GPU and one KV Slab buffer."""
+import copy
 import os
 import socket
 import time
@@ -26,6 +27,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def dev_app_args(namespace: str, **top) -> dict:
+    """A copy of dev.yaml's application args in its own namespace (plus `top`-level overrides)."""
+    with open(DEV) as f:
+        args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
+    return args | {"namespace": namespace, **top}
+
+
+def serve_on_private_cluster(args: dict, name: str, tmp_path_factory, **run_kw):
+    """Start a private Ray cluster (one logical GPU per config GPU, loopback), serve the app; yield its
+    base URL, then shut both down. For module fixtures: `yield from serve_on_private_cluster(...)`."""
+    start_cluster(args["num_gpus"], temp_dir=str(tmp_path_factory.mktemp("ray")), metrics_port=free_port(),
+                  include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/", **run_kw)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,19 @@
 a rate rise scales the bf16 tier up through Serve's external scaler API, the fall scales it down again,
 every request of the run completes, and every decision carries its reason."""
 import asyncio
-import copy
 import threading
 import time
 
 import httpx
 import pytest
 import ray
-import yaml
 from ray import serve
 
-from app.builder import build_app
 from app.controller import CONTROLLER_NAME
-from app.launch import start_cluster
 from fineserve_core.cost_model import CostModel
 from fineserve_core.model_source import resolve_model
 from fineserve_core.placement import GiB, ClusterSpec, ModelSpec, PlacementConfig, place
-from tests.test_app import DEV, free_port
+from tests.test_app import dev_app_args, serve_on_private_cluster
 
 BF16, W4 = "smollm2-135m:bf16", "smollm2-135m:w4a8kv4"
 NS, APP = "fineserve-autoscale", "autoscale"
@@ -28,22 +24,14 @@ MAX_TOKENS, SLO_MS, HIGH, LOW = 32, 30, 3.0, 0.25       # req/s
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    with open(DEV) as f:
-        args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
-    args |= {"namespace": NS, "num_gpus": 2, "autoscale": {
+    args = dev_app_args(NS, num_gpus=2, autoscale={
         "enabled": True, "tick_s": 0.5, "period_s": 60, "window_s": 4, "rate_shift": 0.5, "min_rate_delta": 0.5,
-        "downscale_delay_s": 3, "max_replicas": 2}}
+        "downscale_delay_s": 3, "max_replicas": 2})
     for m in args["models"]:
         # bf16 alone on GPU 0 with room for a second replica; FCFS so the load is not shed by SAAB
         m |= {"gpu": 0 if m.get("precision", "bf16") == "bf16" else 1, "scheduler": "fcfs",
               "slo": {"ttft_ms": SLO_MS}}
-    start_cluster(2, temp_dir=str(tmp_path_factory.mktemp("ray")), metrics_port=free_port(), include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP, route_prefix="/", external_scaler_enabled=True)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_on_private_cluster(args, APP, tmp_path_factory, external_scaler_enabled=True)
 
 
 def planned_dp(rate: float) -> int:

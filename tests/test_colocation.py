@@ -2,18 +2,14 @@
 HTTP): both tiers start on GPU 0, the placement puts them on separate GPUs, and with `autoscale.moves`
 the controller moves one of them to GPU 1 by itself, live, under steady streaming load. Every request
 completes in full and the move's decisions name the plan as their reason."""
-import copy
 import time
 
 import pytest
 import ray
-import yaml
 from ray import serve
 
-from app.builder import build_app
 from app.controller import CONTROLLER_NAME
-from app.launch import start_cluster
-from tests.test_app import DEV, free_port
+from tests.test_app import dev_app_args, serve_on_private_cluster
 from tests.test_autoscale import wait_for
 from tests.test_replacement import MAX_TOKENS, STEPS, StreamLoad
 
@@ -23,19 +19,11 @@ NS, APP = "fineserve-coloc", "coloc"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    with open(DEV) as f:
-        args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
-    args |= {"namespace": NS, "num_gpus": 2, "autoscale": {
-        "enabled": True, "tick_s": 0.5, "period_s": 2, "window_s": 4, "moves": True, "move_delay_s": 15}}
+    args = dev_app_args(NS, num_gpus=2, autoscale={
+        "enabled": True, "tick_s": 0.5, "period_s": 2, "window_s": 4, "moves": True, "move_delay_s": 15})
     for m in args["models"]:
         m |= {"gpu": 0, "scheduler": "fcfs"}            # both on GPU 0; FCFS so that no request is shed
-    start_cluster(2, temp_dir=str(tmp_path_factory.mktemp("ray")), metrics_port=free_port(), include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP, route_prefix="/", external_scaler_enabled=True)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_on_private_cluster(args, APP, tmp_path_factory, external_scaler_enabled=True)
 
 
 def test_the_plan_moves_a_tier_to_the_gpu_it_puts_it_on(base):

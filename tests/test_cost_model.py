@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from fineserve_core.cost_model import (CALIBRATION, AVG_INPUT_LEN, AVG_OUTPUT_LEN, MEASURED_TABLE, TABLES_DIR,
-                                       CostEntry,
+from fineserve_core.cost_model import (CALIBRATION, AVG_INPUT_LEN, MEASURED_TABLE, TABLES_DIR, CostEntry,
                                        CostModel, CostProfile, CostTable, add_cli, build_roofline_table,
                                        kv_bytes_per_token, linear_interp, linear_params, load_fineserve_csv,
                                        param_count, profile, resolve_shape, roofline_entry, roofline_validation,

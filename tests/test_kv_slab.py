@@ -15,7 +15,7 @@ from fineserve_core.config import PRECISIONS
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.kv_slab import (SLAB_POLICIES, BlockCache, KVAllocator, KVOutOfMemory, KVSlabManager,
                                     KVSlabTable, ModelKVSpec, SlabPolicy, StaticPartitionAllocator, fragmentation)
-from fineserve_core.kv_trace import _replay_trace_stepwise, piecewise_trace, replay_trace, synthetic_trace
+from fineserve_core.kv_trace import _replay_trace_stepwise, piecewise_trace, replay_trace
 
 # SmolLM2-135M KV shapes: 3 KV heads, head_dim 64 -> blocks of 12288 (bf16), 6144 (fp8), 6336 (w4a8kv4) B.
 FMTS = {p: KVFormat.for_model(p, 3, 64, torch.bfloat16) for p in PRECISIONS}

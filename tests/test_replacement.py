@@ -3,7 +3,6 @@ tier from GPU 0 to GPU 1 under steady streaming load. The new replica runs befor
 old one drains, its KV blocks go back to GPU 0's slab manager, every request completes in full, and each
 step is a decision with its reason."""
 import asyncio
-import copy
 import json
 import threading
 import time
@@ -11,14 +10,11 @@ import time
 import httpx
 import pytest
 import ray
-import yaml
 from ray import serve
 
-from app.builder import build_app
 from app.controller import CONTROLLER_NAME
-from app.launch import start_cluster
 from app.worker import slab_manager_name
-from tests.test_app import DEV, free_port
+from tests.test_app import dev_app_args, serve_on_private_cluster
 from tests.test_autoscale import wait_for
 
 BF16, W4 = "smollm2-135m:bf16", "smollm2-135m:w4a8kv4"
@@ -30,19 +26,11 @@ STEPS = ["move", "new replica running", "old drained", "slabs freed"]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    with open(DEV) as f:
-        args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
-    args |= {"namespace": NS, "num_gpus": 2}
+    args = dev_app_args(NS, num_gpus=2)
     for m in args["models"]:
         # bf16 on GPU 0, w4a8kv4 on GPU 1: GPU 1 has room for bf16 (0.5 + 0.5); FCFS so no request is shed
         m |= {"gpu": 0 if m.get("precision", "bf16") == "bf16" else 1, "scheduler": "fcfs"}
-    start_cluster(2, temp_dir=str(tmp_path_factory.mktemp("ray")), metrics_port=free_port(), include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_on_private_cluster(args, APP, tmp_path_factory)
 
 
 class StreamLoad:

@@ -2,18 +2,11 @@
 model goes to bf16 while bf16's replica predicts it meets the TTFT SLO; a burst overflows to w4a8kv4
 instead of queueing; once the burst is over, requests go back to bf16."""
 import asyncio
-import copy
-import socket
 
 import httpx
 import pytest
-import ray
-import yaml
-from ray import serve
 
-from app.builder import build_app
-from app.launch import start_cluster
-from tests.test_app import DEV, free_port
+from tests.test_app import dev_app_args, serve_on_private_cluster
 
 NAME, BF16, W4 = "smollm2-135m", "smollm2-135m:bf16", "smollm2-135m:w4a8kv4"
 PROMPT = "The three primary colors are red, yellow and blue. " * 16      # ~190 tokens
@@ -22,22 +15,13 @@ BURST = 24
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    with open(DEV) as f:
-        args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
-    args["namespace"] = "fineserve-tiering"
+    args = dev_app_args("fineserve-tiering")
     for m in args["models"]:
         if m.get("precision", "bf16") == "bf16":
             # SLO = 1 x this replica's measured single-request TTFT at 903 tokens: one ~190-token prompt
             # meets it, a queue of more than ~4 does not, whatever this CPU's speed
             m["slo"] = {"ttft_scale": 1.0}
-    start_cluster(args["num_gpus"], temp_dir=str(tmp_path_factory.mktemp("ray")), metrics_port=free_port(),
-                  include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="tiering", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_on_private_cluster(args, "tiering", tmp_path_factory)
 
 
 def complete(client: httpx.Client, base: str, model: str = NAME) -> httpx.Response:
