@@ -760,10 +760,28 @@ def profile_table(entries: Sequence[CostEntry], notes: str = "") -> CostTable:
                      "fineserve profile", notes)
 
 
+def mps_share(percent: int) -> None:
+    """Run this process's CUDA work as an MPS client limited to `percent` of the SMs (FineServe profiles
+    shares of 20-100 %). Needs a running MPS control daemon, and must come before CUDA starts here."""
+    import os
+    if not 1 <= percent <= 100:
+        raise ValueError(f"an MPS share is 1-100 %, not {percent}")
+    if percent == 100:
+        return
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    if not (pipe / "control").exists():
+        raise RuntimeError(f"--mps {percent}: no MPS control daemon at {pipe} (start `nvidia-cuda-mps-control -d`, "
+                           "or set CUDA_MPS_PIPE_DIRECTORY to its pipe directory)")
+    if torch.cuda.is_initialized():
+        raise RuntimeError("--mps must be set before this process starts CUDA")
+    os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(percent)
+
+
 def cmd_profile(args) -> int:
     from fineserve_core.config import EngineConfig
     from fineserve_core.engine import Engine
     from fineserve_core.results import device_tag
+    mps_share(args.mps)
 
     from fineserve_core.model_source import resolve_model
     max_tokens = max(args.batch) * (max(args.input_len) + args.output_len + 1)
@@ -780,7 +798,7 @@ def cmd_profile(args) -> int:
 
     t0 = time.perf_counter()
     entry = profile(factory, args.batch, args.input_len, args.output_len, model=args.name or args.model,
-                    precision=args.precision, repeats=args.repeats,
+                    precision=args.precision, mps=args.mps, repeats=args.repeats,
                     progress=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
     out = Path(args.out) if args.out else TABLES_DIR / f"{device_tag()}-{Path(str(args.model)).name}.json"
     table = profile_table([entry])
@@ -807,6 +825,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, nargs="+", default=[256, 512])
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--mps", type=int, default=100, help="SM share in %% as an MPS client (needs an MPS daemon; "
+                                                        "the entry is keyed by it, as FineServe's profiles)")
     p.add_argument("--kv-cache-mib", type=int, help="private KV buffer size (default: 1.25 x what the largest "
                    "batch of the grid holds)")
     p.add_argument("--out", help="table path (default: fineserve_core/cost_tables/<device>-<model>.json; "

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 
 import pytest
 
@@ -168,6 +169,21 @@ def test_profile_cli_measures_and_merges_entries(tmp_path):
         assert a.fn(a) == 0
     t = CostTable.load(out)
     assert sorted(e.precision for e in t.entries) == ["bf16", "w4a8kv4"] and not any(e.estimate for e in t.entries)
+
+
+def test_profile_mps_share_needs_a_daemon_and_sets_the_client_limit(tmp_path, monkeypatch):
+    from fineserve_core.cost_model import mps_share
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    with pytest.raises(ValueError, match="1-100"):
+        mps_share(0)
+    with pytest.raises(RuntimeError, match="no MPS control daemon"):
+        mps_share(50)
+    mps_share(100)                                                   # the whole GPU: nothing to set
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
+    (tmp_path / "control").touch()                                   # a daemon's control pipe
+    mps_share(50)
+    assert os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
 
 
 def test_profile_with_the_real_engine():
