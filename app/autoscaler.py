@@ -208,4 +208,3 @@ class Autoscaler:
                                           f"row; plan GPUs matched to the running ones to keep the most tiers in place)"))
         self.move_since = {k: v for k, v in self.move_since.items() if k in wanted}
         return moves
-

@@ -9,8 +9,8 @@ with `external_scaler_enabled: true`). Serve starts a new replica before it coun
 one gracefully (its in-flight requests finish); the slab manager reclaims the blocks of a replica that
 is gone. `move(tier, gpu)` re-places a tier live: new replicas on the target GPU first, then the old ones
 drain, then the old GPU's slab manager frees their blocks; with `autoscale.moves` the plans call it too,
-for a tier the placement puts on another GPU (`Autoscaler.colocation`). Every decision is kept with its reason
-(`decisions()`, GET /v1/fineserve/placement) and logged.
+for a tier the placement puts on another GPU (`Autoscaler.colocation`). Every decision is kept with its
+reason (`decisions()`, GET /v1/fineserve/placement) and logged.
 """
 from __future__ import annotations
 
