@@ -78,20 +78,7 @@ AVG_INPUT_LEN, AVG_OUTPUT_LEN = P95_INPUT * 0.8, P95_OUTPUT * 0.8
 # Shapes
 # ---------------------------------------------------------------------------------------------------
 
-def _shape(vocab, hidden, inter, layers, heads, kv_heads, head_dim=128) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
-
-
-#: Shapes beyond model_source.PRESETS, for costing and placement only (never loaded). LLaMA-1 30B/65B
-#: are MuxServe's models; Llama-3-70B and Qwen3-32B are the shapes of FineServe's profiled 70B/32B.
-EXTRA_SHAPES: dict[str, LlamaConfig] = {
-    "llama-30b-shape": _shape(32000, 6656, 17920, 60, 52, 52),
-    "llama-65b-shape": _shape(32000, 8192, 22016, 80, 64, 64),
-    "llama-3-70b-shape": _shape(128256, 8192, 28672, 80, 64, 8),
-    "qwen3-32b-shape": _shape(151936, 5120, 25600, 64, 64, 8),
-}
-SHAPES: dict[str, LlamaConfig] = {**PRESETS, **EXTRA_SHAPES}
+SHAPES: dict[str, LlamaConfig] = PRESETS
 #: A real model and the shape preset with its exact dimensions share cost entries.
 ALIASES = {"smollm2-135m": "smollm2-135m-shape", "smollm2-135m-shape": "smollm2-135m"}
 

@@ -15,7 +15,8 @@ Three kinds of source, all resolved by :func:`resolve_model`:
   hub (``local_files_only=True``; ``HF_HUB_OFFLINE=1`` is set when unset). Its weights are
   dequantized from 4-bit blocks: say so beside any accuracy figure.
 * Shape-only presets with seeded random weights, for speed work and GPU numerics checks:
-  ``llama-2-7b-shape``, ``llama-3-8b-shape``, ``llama-2-13b-shape``, ``smollm2-135m-shape``.
+  ``llama-2-7b-shape``, ``llama-3-8b-shape``, ``llama-2-13b-shape``, ``smollm2-135m-shape``, and the
+  large ``llama-30b-shape``, ``llama-65b-shape``, ``llama-3-70b-shape``, ``qwen3-32b-shape``.
   ``ModelSource.path`` is ``None`` for them. Never use them for accuracy.
 * A local directory in HF layout: ``config.json`` + ``model.safetensors`` (or shards listed in
   ``model.safetensors.index.json``) + tokenizer files. ``name`` is the absolute path, so
@@ -121,6 +122,23 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
+    # The large shapes of the simulator's scenarios: LLaMA-1 30B/65B (MuxServe's models), Llama-3-70B
+    # and Qwen3-32B (the shapes of FineServe's profiled 70B/32B; Qwen3's q/k norms left out). One H100
+    # runs those whose weights fit it (`fineserve profile`, TP 1); placement and the simulator cost them all.
+    "llama-30b-shape": LlamaConfig(
+        vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52,
+        num_kv_heads=52, head_dim=128, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
+    "llama-65b-shape": LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_layers=80, num_heads=64,
+        num_kv_heads=64, head_dim=128, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
+    "llama-3-70b-shape": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE_SCALING),
+        max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=(128001, 128009)),
+    "qwen3-32b-shape": LlamaConfig(
+        vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_layers=64, num_heads=64,
+        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+        bos_token_id=None, eos_token_ids=(151645,)),
 }
 
 #: Which real model supplies the tokenizer of a preset (None: the preset has no tokenizer).
@@ -128,6 +146,10 @@ _PRESET_TOKENIZER: dict[str, str | None] = {
     "llama-2-7b-shape": None,
     "llama-3-8b-shape": None,
     "llama-2-13b-shape": None,
+    "llama-30b-shape": None,
+    "llama-65b-shape": None,
+    "llama-3-70b-shape": None,
+    "qwen3-32b-shape": None,
     "smollm2-135m-shape": "smollm2-135m",
 }
 

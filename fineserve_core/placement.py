@@ -86,9 +86,8 @@ SLAB_LAYOUTS: dict[str, tuple[dict, ...]] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One logical model to serve. `shape` is a preset name (model_source.PRESETS or
-    cost_model.EXTRA_SHAPES) or a LlamaConfig; `cost_name` the model key in the cost table (default:
-    the shape's name)."""
+    """One logical model to serve. `shape` is a preset name (model_source.PRESETS) or a LlamaConfig;
+    `cost_name` the model key in the cost table (default: the shape's name)."""
     name: str
     shape: str | LlamaConfig
     precision: str = "bf16"

@@ -115,13 +115,18 @@ def test_roofline_is_labelled_and_calibrated_on_our_measured_engine():
     e = roofline_entry("llama-3-8b-shape", "bf16", 1)
     assert e.estimate and "ESTIMATE" in e.notes and MEASURED_TABLE.name in e.notes
     measured = CostTable.load(MEASURED_TABLE).entries
-    assert {(m.model, m.precision) for m in measured} == {(s, p) for s in ("llama-2-7b-shape", "llama-3-8b-shape",
-                                                          "llama-2-13b-shape") for p in ("bf16", "fp8", "w4a8kv4")}
+    # 7B/8B/13B in every precision; the large shapes where their weights fit one H100
+    assert {(m.model, m.precision) for m in measured} == {
+        *((s, p) for s in ("llama-2-7b-shape", "llama-3-8b-shape", "llama-2-13b-shape", "llama-30b-shape",
+                           "qwen3-32b-shape") for p in ("bf16", "fp8", "w4a8kv4")),
+        ("llama-65b-shape", "w4a8kv4"), ("llama-3-70b-shape", "w4a8kv4")}
     assert not any(m.estimate for m in measured) and all("H100" in m.device for m in measured)
-    # leave one shape out: the fit to the other two shapes predicts the third's grid within 25 %
+    assert all(m.tp == 1 and m.mps == 100 for m in measured)
+    # leave one shape out: the fit to the other shapes predicts the left-out grid within 35 % (31 % at worst:
+    # llama-3-70b w4a8kv4 prefill, 2026-12-07)
     rows = [r for r in roofline_validation() if "fitted_on" in r]
-    assert len(rows) == 9 and all(len(r["fitted_on"]) == 2 for r in rows)
-    assert all(r["prefill_max_abs_rel_error"] < 0.25 and r["decode_max_abs_rel_error"] < 0.25 for r in rows)
+    assert len(rows) == 17 and all(len(r["fitted_on"]) == (6 if r["precision"] == "w4a8kv4" else 4) for r in rows)
+    assert all(r["prefill_max_abs_rel_error"] < 0.35 and r["decode_max_abs_rel_error"] < 0.35 for r in rows)
     assert set(CALIBRATION) == {"bf16", "fp8", "w4a8kv4"}
     # the estimates follow the bytes and flops: INT4 decodes faster than bf16, TP 4 prefills a token faster
     b, w4 = CostProfile(e), CostProfile(roofline_entry("llama-3-8b-shape", "w4a8kv4", 1))
@@ -136,8 +141,16 @@ def test_shipped_tables():
         for prec in ("bf16", "fp8", "w4a8kv4"):
             assert {1, 2, 4} <= set(h.tps(shape, prec))               # TP 8 only where the KV heads split
             # what one H100 measured wins over the estimate; the rest is estimated
-            assert h.entry(shape, prec, 1).estimate == (shape in ("llama-30b-shape", "llama-65b-shape"))
+            assert h.entry(shape, prec, 1).estimate == (shape == "llama-65b-shape" and prec != "w4a8kv4")
             assert h.entry(shape, prec, 2).estimate
+    # MPS shares measured on the H100 (8B shape): a smaller SM share never makes a prefill faster, and at
+    # 25 % a compute-bound 64 x 512 prefill takes more than twice as long as at 100 %
+    for prec in ("bf16", "fp8", "w4a8kv4"):
+        full, half, quarter = (h.profile("llama-3-8b-shape", prec, 1, mps) for mps in (100, 50, 25))
+        assert not half.estimate and not quarter.estimate
+        assert full.ttft_est(64, 512) < half.ttft_est(64, 512) < quarter.ttft_est(64, 512)
+        assert quarter.ttft_est(64, 512) > 2 * full.ttft_est(64, 512)
+        assert h.tps("llama-3-8b-shape", prec, mps=50) == [1]
     fresh = build_roofline_table(shapes=("llama-2-7b-shape",), tps=(1,))
     shipped = CostModel.load(TABLES_DIR / "h100-roofline.json").entry("llama-2-7b-shape", "bf16", 1)
     assert fresh.entries[0].decode_step == pytest.approx(shipped.decode_step)   # table matches the code

@@ -201,6 +201,10 @@ def test_preset_configs():
     assert abs(counts["llama-3-8b-shape"] / 8.030e9 - 1) < 0.01
     assert abs(counts["llama-2-13b-shape"] / 13.016e9 - 1) < 0.01
     assert abs(counts["smollm2-135m-shape"] / 134.5e6 - 1) < 0.01
+    assert abs(counts["llama-30b-shape"] / 32.5e9 - 1) < 0.01
+    assert abs(counts["llama-65b-shape"] / 65.2e9 - 1) < 0.01
+    assert abs(counts["llama-3-70b-shape"] / 70.55e9 - 1) < 0.01
+    assert abs(counts["qwen3-32b-shape"] / 32.76e9 - 1) < 0.01      # Qwen3-32B less its q/k norms (64 x 256)
 
 
 def test_preset_weights_names_shapes_deterministic():
