@@ -8,6 +8,7 @@ import torch
 
 from fineserve_core.attention import AttnBatch
 from fineserve_core.config import EngineConfig
+from fineserve_core.cost_model import WEIGHT_BYTES, linear_params, param_count
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.kv_slab import BlockCache, KVAllocator, KVSlabManager, ModelKVSpec
 from fineserve_core.llama import LlamaModel
@@ -23,6 +24,41 @@ CPU_KV_BYTES = 512 << 20
 
 class RequestError(ValueError):
     """A request the engine refuses (bad prompt, too long, duplicate id): the client's fault."""
+
+
+class ModelTooLargeError(ValueError):
+    """The model's weights cannot fit the memory the device has free (checked before loading any)."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device` (None where unknown): on CUDA the driver's free
+    memory plus what torch's allocator caches unused; on the CPU MemAvailable of /proc/meminfo."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_weights_fit(cfg: EngineConfig, config, dtype: torch.dtype, device: torch.device) -> int:
+    """Weight bytes the model will take on `device`; raises ModelTooLargeError when they exceed what is
+    free, before a 70B preset starts building tensors that could only end in an OOM kill."""
+    lin = linear_params(config)
+    per = dtype.itemsize
+    need = int(lin * (per if cfg.precision == "bf16" else WEIGHT_BYTES[cfg.precision])
+               + (param_count(config) - lin) * per)
+    avail = available_memory(device)
+    if avail is not None and need > avail:
+        raise ModelTooLargeError(f"model {cfg.model} ({cfg.precision}, {str(dtype).replace('torch.', '')}) needs "
+                                 f"{need / 2**30:.2f} GiB of weights on {device}, which has {avail / 2**30:.2f} "
+                                 "GiB free")
+    return need
 
 
 @dataclass(slots=True)
@@ -51,6 +87,7 @@ class Engine:
         self.source = resolve_model(cfg.model)
         mcfg = self.source.config
         self.device, self.dtype = resolve_device_dtype(cfg)
+        check_weights_fit(cfg, mcfg, self.dtype, self.device)
         self.model = LlamaModel(mcfg, iter_weights(self.source, self.dtype, self.device, cfg.seed),
                                 cfg.precision, self.dtype, self.device)
         if self.device.type == "cuda":

@@ -6,7 +6,8 @@ import torch
 
 from fineserve_core.async_engine import AsyncEngine
 from fineserve_core.config import EngineConfig
-from fineserve_core.engine import Engine, RequestError
+from fineserve_core import engine as engine_mod
+from fineserve_core.engine import Engine, ModelTooLargeError, RequestError
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.kv_slab import KVSlabManager
 from fineserve_core.sampling import SamplingParams
@@ -224,3 +225,16 @@ def test_load_warm_up_leaves_nothing_behind(engine, prompts):
     engine._warm_up()
     assert not engine.has_unfinished() and not engine.seqs and engine.blocks.num_in_use == 0
     assert engine.generate([prompts[0]], GREEDY)[0]["token_ids"] == before
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_before_loading(monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("weights were built for a model that cannot fit")
+    monkeypatch.setattr(engine_mod, "iter_weights", no_load)
+    monkeypatch.setattr(engine_mod, "available_memory", lambda device: 100 << 20)
+    with pytest.raises(ModelTooLargeError, match=r"smollm2-135m-shape \(bf16, float32\) needs 0\.50 GiB of "
+                                                 r"weights on cpu, which has 0\.10 GiB free"):
+        Engine(EngineConfig(model="smollm2-135m-shape", device="cpu"))
+    # quantized linears are counted at their packed size, so the figure follows the precision
+    with pytest.raises(ModelTooLargeError, match=r"\(w4a8kv4, float32\) needs 0\.16 GiB"):
+        Engine(EngineConfig(model="smollm2-135m-shape", precision="w4a8kv4", device="cpu"))
