@@ -21,7 +21,7 @@ estimator (papers.md 1.5 Step B):
     throughput(b, I, O)  = b / (ttft_est(b, I) + decode_step(b) * O)          (requests/s)
     ttft_per_token       = prefill_per_token(1)     (SAAB's linear TTFT model)
 
-A **roofline model** fills entries we cannot measure on one H100 (30B/65B/70B/32B shapes, TP > 1):
+A **roofline model** fills entries we cannot measure on one H100 (TP > 1, weights beyond its memory):
 per step `t = overhead + bytes / (HBM_BW * bw_eff) + flops / (peak[precision] * compute_eff) + TP
 all-reduces`, with bytes = weights read (bf16 2 B/param, fp8 1, w4a8kv4 0.53 on the decoder's linear
 layers; embedding and lm_head stay bf16 as in our engine) + KV read/written (KVFormat bytes per token),
@@ -592,7 +592,7 @@ def _fit() -> tuple[dict[str, Calibration], float]:
 
 
 #: Per precision, fitted to our engine's measured H100 table (`h100-measured.json`); the roofline
-#: fills what one H100 cannot measure (30B/65B/70B/32B shapes, TP > 1) from these.
+#: fills what one H100 cannot measure (TP > 1, weights beyond its memory) from these.
 CALIBRATION, ALLREDUCE_LATENCY_S = _fit()
 
 

@@ -48,9 +48,10 @@ Metrics (FineServe 1.7, DESIGN.md): SLO attainment = share of requests with TTFT
 attainment (also TPOT <= TPOT SLO); token throughput = output tokens / span; goodput; p50/p90/p99
 TTFT, TPOT, e2e over completed requests.
 
-Scenarios (costs: `fineserve_core/cost_tables/h100-measured.json`, our engine measured on one H100, for
-the 7B/8B/13B shapes at TP 1; every other entry (30B/65B/70B/32B, TP > 1) from `h100-roofline.json`, a
-roofline ESTIMATE calibrated on that measured table; `cost_estimated` in the results lists them):
+Scenarios (costs: `fineserve_core/cost_tables/h100-measured.json`, our engine measured on one H100 at
+TP 1, the shapes whose weights fit it; every other entry (TP > 1, 65B/70B in bf16/fp8) from
+`h100-roofline.json`, a roofline ESTIMATE calibrated on that measured table; `cost_estimated` in the
+results lists them):
   muxserve-32   MuxServe's end-to-end setup (benchmark/end_to_end/bench_end_to_end_muxserve.py):
                 19 LLaMA models (12 x 7B, 4 x 13B, 2 x 30B, 1 x 65B, in that order) on 4 nodes x 8
                 GPUs (H100 80 GB here; A100 in MuxServe), rate_i = 40 x scale x (i+1)^-alpha in list
