@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(fn=cmd_eval_ppl)
 
     sub.add_parser("bench-kernels", add_help=False, help="time the Triton kernels against their baselines "
-                        "(CUDA); writes load_tests/results/kernels-h100.json (see `bench-kernels --help`)")
+                   "(CUDA); writes load_tests/results/kernels-h100.json (see `bench-kernels --help`)")
 
     sv = sub.add_parser("serve", help="start a private Ray cluster on 127.0.0.1 and run a serve config")
     sv.add_argument("config", help="a serve config, e.g. serve_configs/dev.yaml")

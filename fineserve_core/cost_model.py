@@ -30,15 +30,16 @@ bf16, 1281 TF/s fp8; w4a8kv4 runs its GEMMs on FP8 tensor cores). The overhead a
 efficiencies are fitted per precision and per phase (prefill, decode) to our engine's measured H100
 table (`cost_tables/h100-measured.json`, non-negative least squares on relative errors), so they are
 fit parameters, not physical efficiencies (a decode "compute_eff" > 1 absorbs per-sequence costs the
-flop count does not hold). `roofline_validation()` fits each precision to two of the three measured
-shapes and reports the error on the third. The all-reduce latency (one GPU cannot measure it) is fitted
+flop count does not hold). `roofline_validation()` fits each precision to all but one of its measured
+shapes and reports the error on the one left out. The all-reduce latency (one GPU cannot measure it) is fitted
 to FineServe's published Llama-3.1-70B TP4 bf16 TPOT at batch 1 (vLLM on H100s). Every roofline entry
 says so and is labelled `estimate: true`.
 
 `profile(engine_factory, batch_grid, input_lens)` measures an entry with our real Engine (used by
-`fineserve profile`, see `add_cli`). Shipped: `cost_tables/h100-measured.json` (our engine on one H100:
-7B/8B/13B shapes x bf16/fp8/w4a8kv4, TP 1), `cost_tables/h100-roofline.json` (estimates; measured
-entries win over them) and `cost_tables/cpu-smollm2-135m.json` (measured on CPU).
+`fineserve profile`, see `add_cli`). Shipped: `cost_tables/h100-measured.json` (our engine on one H100 at
+TP 1: 7B/8B/13B and 30B/32B shapes in each precision, 65B/70B in w4a8kv4), `h100-measured-mps.json` (the
+8B shape at 50 % and 25 % MPS shares), `h100-roofline.json` (estimates; measured entries win over them)
+and `cpu-smollm2-135m.json` (measured on CPU).
 
 No Ray, no GPU needed.
 """
@@ -612,7 +613,7 @@ def _entry_error(e: CostEntry, cal: Calibration) -> dict:
 def roofline_validation() -> list[dict]:
     """Leave one shape out: for each measured entry, the roofline fitted to the OTHER shapes of its
     precision against its grid (how well the fit carries to a shape it has not seen, as it must for
-    30B/65B). Then FineServe's apex rows (vLLM/QServe on an H100, not our engine) for comparison."""
+    what one H100 cannot measure). Then FineServe's apex rows (vLLM/QServe on an H100, not our engine) for comparison."""
     measured = CostTable.load(MEASURED_TABLE).entries
     out = []
     for e in measured:
@@ -767,10 +768,9 @@ def mps_share(percent: int) -> None:
 def cmd_profile(args) -> int:
     from fineserve_core.config import EngineConfig
     from fineserve_core.engine import Engine
+    from fineserve_core.model_source import resolve_model
     from fineserve_core.results import device_tag
     mps_share(args.mps)
-
-    from fineserve_core.model_source import resolve_model
     max_tokens = max(args.batch) * (max(args.input_len) + args.output_len + 1)
     if args.kv_cache_mib:
         kv_bytes = args.kv_cache_mib << 20

@@ -583,8 +583,7 @@ def plot(rows: list[dict], sc: Scenario, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("TTFT SLO attainment (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{sc.name}: simulated; costs: our engine measured on one H100 (7B/8B/13B, TP 1), "
-                 "roofline ESTIMATES fitted to it for the rest", fontsize=9)
+    fig.suptitle(f"{sc.name}, simulated: H100 costs measured at TP 1,\nroofline ESTIMATES beyond", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
