@@ -34,11 +34,15 @@ Deviations from FineServe's code, on purpose (each found on the 32-GPU scenario)
   * TP choice: FineServe takes the satisfied TP with the smallest rate_min_bs ("minimizes memory
     usage"); rate_min_bs shrinks as TP grows, so on a shared cluster it gave e.g. a 2.8 req/s 65B
     model 11 TP-2 replicas. We take the fewest GPUs first, then the least memory.
-  * Order: first replicas of all models before extra DP replicas, and the extra replicas in rounds
-    of equal shares of each model's planned dp (FineServe sorts all replicas by required memory: under
-    overload whole models were left without a GPU, and the big models' extra replicas took the memory
-    the most popular 7B model needed: it got 3 of 32 planned replicas); anti-affinity of DP replicas
-    of one model. Static uses the same order; Prism keeps its KVPR order after the first replicas.
+  * Order: first replicas of all models before extra DP replicas, and the extra replicas by the
+    load each would carry per GPU, rate / ((index + 1) x TP), highest first: D'Hondt's apportionment,
+    so that when not every planned replica fits each model keeps replicas in proportion to its rate
+    (FineServe sorts all replicas by required memory: under overload whole models were left without a
+    GPU, and the big models' extra replicas took the memory the most popular 7B model needed: it got 3
+    of 32 planned replicas. Rounds of equal shares of each model's planned dp, our previous order, still
+    gave a 440 req/s model 4 of 16 replicas beside an 88 req/s one's 2 of 3; load_tests/results/
+    simulate.md has the effect); anti-affinity of DP replicas of one model. Static uses the same
+    order; Prism keeps its KVPR order after the first replicas.
   * Required memory uses max(1.3 x weights, placement memory) (1.3 x weights can be less than weights
     + activation workspace, which left KV buffers negative); rate/dp is a true division (FineServe's
     `rate // dp` floors to 0 for rates below dp).
@@ -198,7 +202,6 @@ class ReplicaPlan:
     gpus: tuple[int, ...]
     rate: float                            # the share of the model's rate this replica expects
     required_memory: float                 # bytes over all its GPUs
-    dp_planned: int = 1
     kv_share: dict[int, float] = field(default_factory=dict)   # GPU -> share of that GPU's KV buffer
     kv_bytes: dict[int, float] = field(default_factory=dict)   # GPU -> bytes (static: fixed; else expected)
     reason: str = ""
@@ -445,10 +448,11 @@ def _assign(gpus: dict[int, _Gpu], mesh: Sequence[_Gpu], spec: ModelSpec, tp: in
 
 
 def _replica_order(x) -> tuple:
-    """Placement order: first replicas of all models (largest memory first), then extra DP replicas
-    in rounds by their share of the model's planned replicas (index / dp), largest memory first."""
-    _, r, mem = x
-    return (r.index > 0, r.index / max(1, r.dp_planned), -mem)
+    """Placement order: first replicas of all models (largest memory first), then extra DP replicas by
+    the rate each would carry per GPU, rate / ((index + 1) x TP), highest first (D'Hondt), then largest
+    memory first."""
+    spec, r, mem = x
+    return (r.index > 0, -spec.rate / ((r.index + 1) * r.tp), -mem)
 
 
 def required_memory(spec: ModelSpec, rate_min_bs: int, cfg: PlacementConfig = PlacementConfig()) -> float:
@@ -530,7 +534,7 @@ def place(policy: str, models: Sequence[ModelSpec], cluster: ClusterSpec, cost: 
         plans[spec.name] = mp
         req = required_memory(spec, c.rate_min_bs, cfg)
         for i in range(c.dp):
-            r = ReplicaPlan(f"{spec.name}/{i}", spec.name, i, c.tp, (), spec.rate / c.dp, req, c.dp)
+            r = ReplicaPlan(f"{spec.name}/{i}", spec.name, i, c.tp, (), spec.rate / c.dp, req)
             mp.replicas.append(r)
             reps.append((spec, r, req))
 
@@ -540,8 +544,8 @@ def place(policy: str, models: Sequence[ModelSpec], cluster: ClusterSpec, cost: 
     no_room = (f"no GPU group has memory for its weights and a {kv_policy} KV layout with one "
                f"{cfg.min_kv_tokens}-token prefill batch per replica")
     if policy == "fineserve":
-        # largest required memory first; every model's first replica before any extra DP replica, and
-        # extra replicas in rounds of equal shares of each model's planned dp (index / dp)
+        # every model's first replica (largest required memory first) before any extra DP replica,
+        # then the extra replicas by rate per replica and GPU (D'Hondt)
         for spec, r, req in sorted(reps, key=_replica_order):
             ok = lambda g: _kv_layout_fits(g, spec, r.tp, kv_policy, cluster, cfg)     # noqa: E731
             best, best_score = _pick(gpus, cluster, r.tp, req / r.tp, spec.name,

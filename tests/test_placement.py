@@ -59,6 +59,17 @@ def test_a_tight_slo_adds_dp_replicas_and_an_impossible_one_is_reported(h100):
     assert any("below the TTFT of one request" in r for r in m.reasons)
 
 
+def test_replicas_that_cannot_all_fit_are_shared_in_proportion_to_rate(h100):
+    """Four 40 GiB GPUs hold four 8B bf16 replicas; both models plan four. The extra replicas go by
+    rate per replica (D'Hondt): 400 vs 100 req/s gives 3 and 1, equal rates give 2 and 2."""
+    cl = ClusterSpec(1, 4, 40 * GiB)
+    for rates, want in (((400.0, 100.0), (3, 1)), ((100.0, 100.0), (2, 2))):
+        plan = place("fineserve", [ModelSpec("A", "llama-3-8b-shape", "bf16", rates[0]),
+                                   ModelSpec("B", "llama-3-8b-shape", "bf16", rates[1])], cl, h100)
+        assert [plan.models[m].dp for m in "AB"] == [4, 4] and len(plan.unplaced) == 4
+        assert tuple(sum(1 for g in gpus_of(plan, m) if g) for m in "AB") == want, plan.summary()
+
+
 def test_slab_aware_score_puts_a_low_kv_precision_model_where_memory_is_tight(h100):
     """X (7B fp8) and Y (13B w4a8kv4) go first, one per GPU; Z (8B w4a8kv4, small KV blocks) comes
     last. Y's GPU has less free memory, but its blocks are small too: the harmonic-mean block size
