@@ -11,8 +11,8 @@ fineserve  FineServe's slab-aware placement (papers.md 1.5, `finesched/placement
      rate_min_bs = ceil(b where throughput(b) = rate / dp); dp grows until rate_min_bs <=
      min(slo_max_bs, cache_max_bs). Of the satisfied TPs (<= GPUs per node) the one needing the fewest
      GPUs (tp x dp) wins, then the least memory (dp x required memory), then the smaller TP. Replica
-     engine limits: max_num_seqs = slo_max_bs (capped at 256), min batch = rate_min_bs. No TP
-     satisfied: best effort with the TP/dp that serves the most, reason says so.
+     engine limits: max_num_seqs 256 (FineServe's code: slo_max_bs, see Deviations), min batch =
+     rate_min_bs. No TP satisfied: best effort with the TP/dp that serves the most, reason says so.
   C. required memory = max(1.3 x weights, placement memory) + KV bytes per token x (722.4 + 504.8) x
      rate_min_bs; replicas are placed largest first on the GPU group (TP GPUs of one node, each with
      required/TP free) with the highest score: sum over its GPUs of floor((free - required/TP) /
@@ -43,6 +43,12 @@ Deviations from FineServe's code, on purpose (each found on the 32-GPU scenario)
     gave a 440 req/s model 4 of 16 replicas beside an 88 req/s one's 2 of 3; load_tests/results/
     simulate.md has the effect); anti-affinity of DP replicas of one model. Static uses the same
     order; Prism keeps its KVPR order after the first replicas.
+  * max_num_seqs stays at 256 (vLLM's default, as for the baselines) instead of FineServe's
+    slo_max_bs (48-137 for the 8B-70B shapes at the default SLO): SAAB already admits only what meets
+    its TTFT deadline, and the cap only kept decodes from batching. Simulated (scratch runs before the
+    change, `cap_at_slo_max_bs=True` restores FineServe's rule): FineServe's 50 % point on the 16-GPU
+    scenario 30.2 -> 54.0 x, on the 32-GPU one 13.5 -> 16.3 (alpha 0.7), 18.8 -> 21.1 (0.9), 27.8 ->
+    30.5 (1.3); TTFT-and-TPOT attainment falls (16 GPUs, scale 17.5: 24.5 -> 18.9 %; static 3.6 %).
   * Required memory uses max(1.3 x weights, placement memory) (1.3 x weights can be less than weights
     + activation workspace, which left KV buffers negative); rate/dp is a true division (FineServe's
     `rate // dp` floors to 0 for rates below dp).
@@ -178,7 +184,7 @@ class PlacementConfig:
     score_tokens_per_block: int = 16       # FineServe's NUM_TOKENS_PER_BLOCK in the mesh score
     score: str = "harmonic"                # "harmonic" (FineServe) or "memory" (free bytes only: ablation)
     min_kv_tokens: int = 2048              # a replica's KV must hold one prefill batch
-    cap_at_slo_max_bs: bool = True         # fineserve/prism: max_num_seqs = slo_max_bs (FineServe); False: 256
+    cap_at_slo_max_bs: bool = False        # True: fineserve/prism max_num_seqs = slo_max_bs (FineServe's code)
 
 
 @dataclass

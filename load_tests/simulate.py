@@ -36,7 +36,7 @@ Policies (placement + KV + queue; same engine/scheduler code for all):
              the lcm of the data blocks on that GPU, INT4 KV scales in slots of their own; when the
              lcm makes slabs too coarse for the buffer, "padded" slabs, counted in the results;
              `placement.slab_layout`, which placement checks for every GPU it fills) + SAAB
-             with the plan's ttft_per_token and max_num_seqs = slo_max_bs.
+             with the plan's ttft_per_token, max_num_seqs 256 ("fineserve-cap": slo_max_bs, FineServe's code).
   static     memory-balanced placement at the base TP + a fixed KV region per replica proportional
              to its placement memory + FCFS, max_num_seqs 256.
   prism      KVPR placement + elastic KV in 2 MiB pages from one shared pool per GPU (KVSlabManager
@@ -481,13 +481,13 @@ def scenario(name: str, precisions: str = "mixed") -> Scenario:
     raise ValueError(f"unknown scenario {name!r} (muxserve-32, fineserve-16)")
 
 
-POLICY_ORDER = ("fineserve", "static", "prism", "fineserve-nocap")
+POLICY_ORDER = ("fineserve", "static", "prism", "fineserve-cap")
 DEFAULT_POLICIES = POLICY_ORDER[:3]
-#: policy name -> (placement policy, PlacementConfig); "fineserve-nocap" is FineServe with the engine's
-#: max_num_seqs left at 256 instead of slo_max_bs (an ablation of that one rule)
+#: policy name -> (placement policy, PlacementConfig); "fineserve-cap" is FineServe with the engine's
+#: max_num_seqs = slo_max_bs, as FineServe's code has it, instead of 256 (an ablation of that one rule)
 VARIANTS = {"fineserve": ("fineserve", PlacementConfig()), "static": ("static", PlacementConfig()),
             "prism": ("prism", PlacementConfig()),
-            "fineserve-nocap": ("fineserve", PlacementConfig(cap_at_slo_max_bs=False))}
+            "fineserve-cap": ("fineserve", PlacementConfig(cap_at_slo_max_bs=True))}
 
 
 def _one(args) -> dict:

@@ -50,7 +50,8 @@ def test_a_tight_slo_adds_dp_replicas_and_an_impossible_one_is_reported(h100):
     cl = ClusterSpec(1, 8)
     loose = place("fineserve", [ModelSpec("m", "llama-2-7b-shape", "bf16", 8.0, slo_ttft=2.0)], cl, h100).models["m"]
     tight = place("fineserve", [ModelSpec("m", "llama-2-7b-shape", "bf16", 8.0, slo_ttft=0.2)], cl, h100).models["m"]
-    assert tight.max_num_seqs < loose.max_num_seqs                      # slo_max_bs shrinks with the SLO
+    slo_bs = lambda m: next(c.slo_max_bs for c in m.candidates if c.tp == m.tp)   # noqa: E731
+    assert slo_bs(tight) < slo_bs(loose)                                # slo_max_bs shrinks with the SLO
     assert tight.tp * tight.dp > loose.tp * loose.dp
     assert tight.feasible and loose.feasible
     hopeless = place("fineserve", [ModelSpec("m", "llama-2-7b-shape", "bf16", 1.0, slo_ttft=0.001)], cl, h100)
@@ -114,7 +115,9 @@ def test_research_notes_example_configs(h100):
     for name, slo in (("org", 2.0), ("fp8", 3.0)):
         m = plan.models[name]
         assert (m.tp, m.dp, m.slo_ttft, m.feasible) == (1, 1, slo, True)
-        assert m.max_num_seqs == min(256, next(c.slo_max_bs for c in m.candidates if c.tp == 1))
+        assert m.max_num_seqs == 256                                    # vLLM's default, as for the baselines
+        capped = place("fineserve", ms, cl, h100, PlacementConfig(cap_at_slo_max_bs=True)).models[name]
+        assert capped.max_num_seqs == min(256, next(c.slo_max_bs for c in m.candidates if c.tp == 1))
         assert gpus_of(plan, name) == [(0,)]
     one = place("fineserve", [ModelSpec("x", "llama-3-8b-shape", "bf16", 0.1, slo_ttft=0.5)], cl, h100).models["x"]
     assert (one.tp, one.dp, one.min_num_seqs) == (1, 1, 1) and one.max_num_seqs >= 1
