@@ -114,10 +114,11 @@ WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a8kv4": 0.53}
 ACT_BYTES = {"bf16": 2, "fp8": 1, "w4a8kv4": 1}
 
 
-def weight_bytes(cfg: LlamaConfig, precision: str) -> float:
-    """Weight memory of the whole model: quantized linear layers, bf16 embedding/lm_head/norms."""
-    rest = param_count(cfg) - linear_params(cfg)
-    return linear_params(cfg) * WEIGHT_BYTES[precision] + rest * 2.0
+def weight_bytes(cfg: LlamaConfig, precision: str, dense_bytes: float = 2.0) -> float:
+    """Weight memory of the whole model: quantized linear layers, embedding/lm_head/norms (and bf16
+    linears) at `dense_bytes` per parameter (2: bf16; the engine passes its compute dtype's)."""
+    lin, rest = linear_params(cfg), param_count(cfg) - linear_params(cfg)
+    return lin * (dense_bytes if precision == "bf16" else WEIGHT_BYTES[precision]) + rest * dense_bytes
 
 
 def kv_format(cfg: LlamaConfig, precision: str, tp: int = 1) -> KVFormat:

@@ -8,7 +8,7 @@ import torch
 
 from fineserve_core.attention import AttnBatch
 from fineserve_core.config import EngineConfig
-from fineserve_core.cost_model import WEIGHT_BYTES, linear_params, param_count
+from fineserve_core.cost_model import weight_bytes
 from fineserve_core.kv_format import KVFormat
 from fineserve_core.kv_slab import BlockCache, KVAllocator, KVSlabManager, ModelKVSpec
 from fineserve_core.llama import LlamaModel
@@ -49,10 +49,7 @@ def available_memory(device: torch.device) -> int | None:
 def check_weights_fit(cfg: EngineConfig, config, dtype: torch.dtype, device: torch.device) -> int:
     """Weight bytes the model will take on `device`; raises ModelTooLargeError when they exceed what is
     free, before a 70B preset starts building tensors that could only end in an OOM kill."""
-    lin = linear_params(config)
-    per = dtype.itemsize
-    need = int(lin * (per if cfg.precision == "bf16" else WEIGHT_BYTES[cfg.precision])
-               + (param_count(config) - lin) * per)
+    need = int(weight_bytes(config, cfg.precision, dtype.itemsize))
     avail = available_memory(device)
     if avail is not None and need > avail:
         raise ModelTooLargeError(f"model {cfg.model} ({cfg.precision}, {str(dtype).replace('torch.', '')}) needs "
