@@ -17,9 +17,11 @@ Layouts
 Paths
 -----
 * ``triton``: one kernel. Per group: load [BN, g/2] packed bytes, INT4 → FP16 by the 0x6400 magic
-  number → FP8 (exact: −8..7 are e4m3 values), two `tl.dot` FP8×FP8 → FP32 of K = g/2, then × the
-  group scale (FP32, exact as the reference's q·s), accumulate. Epilogue × x_scale / pow2, optional
-  +residual, or SiLU(gate)·up (gate rows [0, I), up rows [I, 2I) of one fused weight, one launch).
+  number → FP8 (exact: −8..7 are e4m3 values; `asm_mode` picks the inline-PTX variant: f16x2
+  arithmetic, a prmt table, or the e4m3 subnormal codes of v · 2^-9, whose 2^9 the epilogue takes),
+  two `tl.dot` FP8×FP8 → FP32 of K = g/2, then × the group scale (FP32, exact as the reference's
+  q·s), accumulate. Epilogue × x_scale / pow2, optional +residual, or SiLU(gate)·up (gate rows
+  [0, I), up rows [I, 2I) of one fused weight, one launch).
   Split-K for small M: partials in an FP32 workspace, the last CTA of a tile (atomic ticket) sums
   them in a fixed order and runs the epilogue (one launch, deterministic). SWAP_AB computes outᵀ =
   W·xᵀ so the weight is the MMA's M side (FireQ's trick for small M). GPI groups of K per loop
@@ -66,6 +68,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     asm: bool = False             # INT4→FP8 by inline PTX (GPU only; the interpreter runs the pure twin)
+    asm_mode: int = 1             # with asm: 1 f16x2 arithmetic, 2 prmt table lookup, 3 subnormal e4m3 codes
+    acc_k: int = 32               # FP8 products per full-FP32 add (32: every wgmma k-step; 0: a whole group)
     f16: bool = False             # FP16 MMA on q·s (INT4→FP16, group scale folded in: exact) and x8→FP16, FP32
                                   # accumulation over all of K: no per-group rescale of the accumulator
     GPI: int = 1                  # groups of K per loop iteration
@@ -74,8 +78,9 @@ class GemmConfig:
         if self.path == "two_step":
             return "two_step"
         return (f"tri_bm{self.BM}_bn{self.BN}_sk{self.SPLIT_K}_{'swap' if self.SWAP_AB else 'noswap'}"
-                f"_w{self.num_warps}_s{self.num_stages}" + ("_asm" if self.asm else "") + ("_f16" if self.f16 else "")
-                + (f"_gpi{self.GPI}" if self.GPI > 1 else ""))
+                f"_w{self.num_warps}_s{self.num_stages}" + ("_asm" if self.asm else "")
+                + {1: "", 2: "_lut", 3: "_sub"}[self.asm_mode] + ("_f16" if self.f16 else "")
+                + (f"_gpi{self.GPI}" if self.GPI > 1 else "") + ("" if self.acc_k == 32 else f"_acc{self.acc_k}"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ def scales_t(w: W4Weight) -> torch.Tensor:
 
 @jit
 def _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, ok,
-               G: tl.constexpr, SWAP_AB: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
+               G: tl.constexpr, SWAP_AB: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr,
+               ACC_K: tl.constexpr = 32):
     """acc += group g's products. `ok` False (a padded iteration past the split's last group) loads zeros."""
     H: tl.constexpr = G // 2
     xa = tl.load(x_ptrs + g * G, mask=mask_m[:, None] & ok, other=0.0)
@@ -136,15 +142,16 @@ def _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, ok,
     else:
         s = tl.load(st_ptr + g * N + rn, mask=mask_n & ok, other=0.0).to(tl.float32)
         wl, wh = int4_to_fp8(wb, ASM)
-        # FP8 products: full-FP32 accumulation after every wgmma k-step (Triton's sm_90 default lets the
-        # tensor core's reduced-precision accumulator run over the whole K: ≈4e-3 relative error seen)
+        # FP8 products: full-FP32 accumulation after every ACC_K of them (32: every wgmma k-step; None: the
+        # tensor core's reduced-precision accumulator runs over the group, then the FP32 add; over the
+        # whole K, Triton's sm_90 default, ≈4e-3 relative error was seen)
         if SWAP_AB:
-            part = mma(wl, tl.trans(xa), None, 32)
-            part = mma(wh, tl.trans(xb), part, 32)
+            part = mma(wl, tl.trans(xa), None, ACC_K)
+            part = mma(wh, tl.trans(xb), part, ACC_K)
             acc += part * s[:, None]
         else:
-            part = mma(xa, tl.trans(wl), None, 32)
-            part = mma(xb, tl.trans(wh), part, 32)
+            part = mma(xa, tl.trans(wl), None, ACC_K)
+            part = mma(xb, tl.trans(wh), part, ACC_K)
             acc += part * s[None, :]
     return acc
 
@@ -177,7 +184,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, st_ptr, out_ptr, res_ptr, ws_ptr, cnt_ptr
                  M, N, K, N_OUT, stride_xm, stride_om, stride_rm, inv_p,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
                  SWAP_AB: tl.constexpr, EPI: tl.constexpr, GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr,
-                 ASM: tl.constexpr, F16: tl.constexpr, GPI: tl.constexpr):
+                 ASM: tl.constexpr, F16: tl.constexpr, GPI: tl.constexpr, ACC_K: tl.constexpr):
     """out[M, N_OUT] = epilogue(x8 · (q·s)ᵀ).  EPI 0: ×x_scale/pow2; 1: +residual; 2: SiLU(gate)·up, where
     the weight has N = 2·N_OUT rows (gate rows first). x8 is in dK order (module doc)."""
     H: tl.constexpr = G // 2
@@ -211,10 +218,11 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, st_ptr, out_ptr, res_ptr, ws_ptr, cnt_ptr
     for gb in range(g0, g1, GPI):          # GPI groups per iteration: more weight bytes in flight per stage
         for j in tl.static_range(GPI):
             g = gb + j
-            acc = _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, g < g1, G, SWAP_AB, ASM, F16)
+            acc = _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, g < g1, G, SWAP_AB, ASM, F16,
+                             ACC_K)
             if EPI == 2:
                 acc2 = _group_dot(acc2, x_ptrs, w_ptrs + N_OUT * (K // 2), st_ptr + N_OUT, g, rn, mask_m, mask_n,
-                                  N, g < g1, G, SWAP_AB, ASM, F16)
+                                  N, g < g1, G, SWAP_AB, ASM, F16, ACC_K)
 
     if SPLIT_K == 1:
         _w4a8_epilogue(acc, acc2, rm, rn, mask_m, mask_n, xs_ptr, out_ptr, res_ptr, stride_om, stride_rm, inv_p,
@@ -303,11 +311,14 @@ def _launch_triton(x8, xs, w: W4Weight, out, epi: int, residual, cfg: GemmConfig
         ws = cnt = xs  # unused
     res = residual if residual is not None else out
     grid = (tiles, split)
+    asm = 0 if INTERPRET or not cfg.asm else (1 if cfg.f16 else cfg.asm_mode)
+    inv_p = (512.0 if asm == 3 else 1.0) / w.pow2      # subnormal codes carry v · 2^-9
     _w4a8_kernel[grid](x8, xs, w.qweight, st, out, res, ws, cnt,
-                       M, N, K, n_out, x8.stride(0), out.stride(0), res.stride(0), 1.0 / w.pow2,
+                       M, N, K, n_out, x8.stride(0), out.stride(0), res.stride(0), inv_p,
                        G=w.group_size, BM=cfg.BM, BN=BN, SPLIT_K=split, SWAP_AB=cfg.SWAP_AB, EPI=epi,
-                       GROUP_M=cfg.GROUP_M, OUT_BF16=out.dtype == torch.bfloat16, ASM=cfg.asm and not INTERPRET,
-                       F16=cfg.f16, GPI=cfg.GPI, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       GROUP_M=cfg.GROUP_M, OUT_BF16=out.dtype == torch.bfloat16, ASM=asm,
+                       F16=cfg.f16, GPI=cfg.GPI, ACC_K=cfg.acc_k or None, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)
     return out
 
 

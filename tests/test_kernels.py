@@ -104,10 +104,11 @@ def test_exact_casts(gen):
     assert torch.equal(b.cpu(), x.to(torch.bfloat16).cpu()), f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("asm", [True, False])
+@pytest.mark.parametrize("asm", [0, 1, 2, 3])
 def test_int4_unpack(asm):
-    """Every byte value: (e4m3 of the low nibble, e4m3 of the high nibble); asm=True is the inline PTX
-    on the GPU (its pure-Triton twin under the interpreter)."""
+    """Every byte value: (e4m3 of the low nibble, e4m3 of the high nibble); asm 1 / 2 are the inline PTX
+    paths on the GPU (f16x2 arithmetic / prmt table / subnormal codes of v · 2^-9; their pure-Triton twin
+    under the interpreter)."""
     import triton.language as tl
 
     @kc.jit
@@ -131,9 +132,60 @@ def test_int4_unpack(asm):
     q = unpack_int4(b.cpu().reshape(-1, 1)).float()          # [256, 2]: (low, high)
     for kern, dt in ((k, FP8_DTYPE), (k16, torch.float16)):
         lo, hi = kc.empty((16, 16), dt, DEV), kc.empty((16, 16), dt, DEV)
-        kern[(1,)](b, lo, hi, ASM=asm and CUDA)
-        assert torch.equal(lo.cpu().float().reshape(-1), q[:, 0]), dt
-        assert torch.equal(hi.cpu().float().reshape(-1), q[:, 1]), dt
+        kern[(1,)](b, lo, hi, ASM=asm if CUDA else 0)
+        f = 512.0 if asm == 3 and CUDA and dt == FP8_DTYPE else 1.0      # subnormal codes: v · 2^-9
+        assert torch.equal(lo.cpu().float().reshape(-1) * f, q[:, 0]), dt
+        assert torch.equal(hi.cpu().float().reshape(-1) * f, q[:, 1]), dt
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """A tiny interpreter for the integer PTX our INT4 → FP8 inline assembly uses (b32 registers)."""
+    regs, M = dict(inputs), 0xFFFFFFFF
+
+    def val(t):
+        return regs[t] if t in regs else int(t, 0)
+
+    def prmt(a, b, c):
+        src, out = (b << 32) | a, 0
+        for k in range(4):
+            sel = (c >> 4 * k) & 0xF
+            byte = (src >> 8 * (sel & 7)) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * k
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    ops = {"mov": lambda a: a, "and": lambda a, b: a & b, "xor": lambda a, b: a ^ b, "shr": lambda a, b: a >> b,
+           "shl": lambda a, b: a << b, "mul": lambda a, b: a * b, "add": lambda a, b: a + b, "lop3": lop3,
+           "prmt": prmt}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        regs[dst] = ops[op.split(".")[0]](*map(val, src)) & M
+    return regs
+
+
+@pytest.mark.parametrize("name", ["_INT4_FP8_LUT_ASM", "_INT4_FP8_SUB_ASM"])
+def test_int4_fp8_asm_text_on_every_byte(name):
+    """The PTX text itself, run by a small interpreter on the CPU (the GPU test runs it for real): the
+    prmt table gives e4m3(v), the subnormal codes e4m3(v · 2^-9), for both nibbles of every byte value."""
+    from fineserve_core.quant.formats import unpack_int4
+    asm = getattr(kc, name).value
+    f = 512.0 if name == "_INT4_FP8_SUB_ASM" else 1.0
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    q = unpack_int4(b.reshape(-1, 1)).float()                # [256, 2]: (low, high)
+    lo, hi = torch.empty(256, dtype=torch.uint8), torch.empty(256, dtype=torch.uint8)
+    for i in range(0, 256, 4):                                # 4 bytes per 32-bit register, byte 0 lowest
+        r = _run_ptx(asm, {"$2": int.from_bytes(bytes(range(i, i + 4)), "little")})
+        lo[i:i + 4] = torch.tensor(list(r["$0"].to_bytes(4, "little")), dtype=torch.uint8)
+        hi[i:i + 4] = torch.tensor(list(r["$1"].to_bytes(4, "little")), dtype=torch.uint8)
+    assert torch.equal(lo.view(FP8_DTYPE).float() * f, q[:, 0])
+    assert torch.equal(hi.view(FP8_DTYPE).float() * f, q[:, 1])
 
 
 # ---------------------------------------------------------------------------------------------------- FP8 quant
@@ -205,6 +257,11 @@ CONFIGS = [
     wg.GemmConfig(BM=16, BN=32, SPLIT_K=2, f16=True),               # FP16 MMA on q·s (scale folded)
     wg.GemmConfig(BM=16, BN=32, f16=True, GPI=2),                   # 3 groups in steps of 2: a padded step
     wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, f16=True, GPI=2),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=2),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=3),
+    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, asm=True, asm_mode=3),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=3, acc_k=0),
+    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, SWAP_AB=True, asm=True, acc_k=0),
 ]
 
 
@@ -222,7 +279,7 @@ def test_w4a8_gemm(gen, cfg, out_dtype):
     assert relerr(y, gemm64(x, w, fp8_weights=two)) < tol, f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[9]], ids=lambda c: c.key())
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[9], CONFIGS[11]], ids=lambda c: c.key())
 def test_w4a8_gemm_residual_group64(gen, cfg):
     M, N, K = 9, 48, 192                           # group 64 (K % 128 != 0)
     x, w = rnd(gen, M, K), _w4(gen, N, K)
@@ -233,7 +290,7 @@ def test_w4a8_gemm_residual_group64(gen, cfg):
     assert relerr(y, ref) < TOL[torch.bfloat16], f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], CONFIGS[4], CONFIGS[8]], ids=lambda c: c.key())
+@pytest.mark.parametrize("cfg", [CONFIGS[i] for i in (0, 3, 4, 8, 12, 13)], ids=lambda c: c.key())
 def test_w4a8_gate_up_silu(gen, cfg):
     M, inter, K = 11, 40, 256
     x, w = rnd(gen, M, K), _w4(gen, 2 * inter, K)
