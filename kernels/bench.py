@@ -169,7 +169,7 @@ def unpack_twins(M: int, epi: int):
     base = gemm_config(M, 4096, 4096, epi)
     if base.path != "triton" or base.f16:
         return []
-    return [replace(base, asm_mode=m, acc_k=a) for m, a in ((2, 32), (3, 32), (1, 0), (3, 0))]
+    return [replace(base, asm=m, acc_k=a) for m, a in ((2, 32), (3, 32), (1, 0), (3, 0))]
 
 
 def gemm_candidates(M: int, epi: int):
@@ -401,8 +401,8 @@ def parse_cfg(key: str):
         return GemmConfig("two_step")
     p = key.split("_")
     return GemmConfig("triton", BM=int(p[1][2:]), BN=int(p[2][2:]), SPLIT_K=int(p[3][2:]), SWAP_AB=p[4] == "swap",
-                      num_warps=int(p[5][1:]), num_stages=int(p[6][1:]), asm="asm" in p[7:],
-                      asm_mode=3 if "sub" in p[7:] else 2 if "lut" in p[7:] else 1,
+                      num_warps=int(p[5][1:]), num_stages=int(p[6][1:]),
+                      asm=3 if "sub" in p[7:] else 2 if "lut" in p[7:] else int("asm" in p[7:]),
                       acc_k=next((int(t[3:]) for t in p[7:] if t.startswith("acc")), 32), f16="f16" in p[7:],
                       GPI=next((int(t[3:]) for t in p[7:] if t.startswith("gpi")), 1))
 

@@ -257,10 +257,10 @@ CONFIGS = [
     wg.GemmConfig(BM=16, BN=32, SPLIT_K=2, f16=True),               # FP16 MMA on q·s (scale folded)
     wg.GemmConfig(BM=16, BN=32, f16=True, GPI=2),                   # 3 groups in steps of 2: a padded step
     wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, f16=True, GPI=2),
-    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=2),
-    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=3),
-    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, asm=True, asm_mode=3),
-    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, asm_mode=3, acc_k=0),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=2),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=3),
+    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, asm=3),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=3, acc_k=0),
     wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, SWAP_AB=True, asm=True, acc_k=0),
 ]
 
