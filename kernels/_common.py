@@ -332,25 +332,23 @@ lop3.b32 $1, mh, s, 0x0F0F0F0F, 0xE4;
 
 
 @jit
+def _bytes_to_fp8(b, CODE: tl.constexpr):
+    """Run one of the INT4 → FP8 PTX snippets above on packed bytes: (low-nibble, high-nibble) e4m3."""
+    lo, hi = tl.inline_asm_elementwise(CODE, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+    return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
+
+@jit
 def int4_to_fp8(b, ASM: tl.constexpr):
-    """uint8 tensor → (e4m3 of the low nibbles, e4m3 of the high nibbles), exact. ASM 1: the prmt/f16x2
-    inline-assembly path, 2: the prmt table lookup (GPU only); 0: their pure-Triton twin (interpreter,
-    reference on the GPU)."""
+    """uint8 tensor → (e4m3 of the low nibbles, e4m3 of the high nibbles), exact. Inline PTX on the GPU:
+    ASM 1 the f16x2 arithmetic, 2 the prmt table, 3 the subnormal codes (values × 2^-9); ASM 0 their
+    pure-Triton twin (interpreter, reference on the GPU)."""
     if ASM == 3:
-        lo, hi = tl.inline_asm_elementwise(_INT4_FP8_SUB_ASM, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8),
-                                           is_pure=True, pack=4)
-        lo = lo.to(tl.float8e4nv, bitcast=True)
-        hi = hi.to(tl.float8e4nv, bitcast=True)
+        lo, hi = _bytes_to_fp8(b, _INT4_FP8_SUB_ASM)
     elif ASM == 2:
-        lo, hi = tl.inline_asm_elementwise(_INT4_FP8_LUT_ASM, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8),
-                                           is_pure=True, pack=4)
-        lo = lo.to(tl.float8e4nv, bitcast=True)
-        hi = hi.to(tl.float8e4nv, bitcast=True)
+        lo, hi = _bytes_to_fp8(b, _INT4_FP8_LUT_ASM)
     elif ASM:
-        lo, hi = tl.inline_asm_elementwise(_INT4_FP8_ASM, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8),
-                                           is_pure=True, pack=4)
-        lo = lo.to(tl.float8e4nv, bitcast=True)
-        hi = hi.to(tl.float8e4nv, bitcast=True)
+        lo, hi = _bytes_to_fp8(b, _INT4_FP8_ASM)
     else:
         lo = nib_lo_f16(b).to(tl.float8e4nv)
         hi = nib_hi_f16(b).to(tl.float8e4nv)
