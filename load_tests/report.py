@@ -19,7 +19,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from load_tests.client import STATUSES, Result
 
@@ -238,6 +238,18 @@ ROW_KEYS = ("rate", "sent", "completed", "status", "http_codes", "slo_attainment
 KV_KEYS = ("mean_wasted_fraction", "mean_wasted_gib", "mean_worst_wasted_fraction", "mean_allocated_fraction")
 
 
+def rate_at(points: Iterable[tuple[float, float]], target: float = 0.5) -> float | None:
+    """Largest rate (linearly interpolated) of (rate, attainment) points at which attainment is still
+    >= target; None if it never drops below the target in the swept range."""
+    pts = sorted(points)
+    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
+        if a0 >= target > a1:
+            return s0 + (s1 - s0) * (a0 - target) / (a0 - a1)
+    if pts and pts[-1][1] >= target:
+        return None
+    return pts[0][0] if pts else None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -268,6 +280,16 @@ def combine(payloads: Sequence[dict]) -> dict:
             "throughput_ratio": _ratio(fs.get("output_throughput"), ref["output_throughput"]),
             "note": "at the swept rate where static partition's attainment is nearest 50% (targets: >= 2.5x "
                     "attainment, >= 2x token throughput; FineServe reports 2.2x and 1.8x)"}
+        # the simulator's figure too: the rate at which each policy falls to 50 % attainment, over static's
+        r50 = {p: rate_at((t["rate"], t["slo_attainment"]) for t in table
+                          if t["policy"] == p and t["slo_attainment"] is not None) for p in out["policies"]}
+        out["rate_at_50pct"] = {p: None if v is None else round(v, 2) for p, v in r50.items()}
+        st50, fs50 = r50.get("static"), r50.get("fineserve")
+        if st50 and fs50:
+            out["headline"]["rate_ratio_at_50pct"] = round(fs50 / st50, 2)
+        elif st50:      # FineServe never fell to 50 %: its largest swept rate bounds the ratio from below
+            top = max(t["rate"] for t in table if t["policy"] == "fineserve")
+            out["headline"]["rate_ratio_at_50pct_at_least"] = round(top / st50, 2)
     return out
 
 
@@ -306,6 +328,12 @@ def markdown_combined(c: dict) -> str:
         out += ["", f"At {h['rate']:g} req/s (static partition attainment {h['static_attainment']:.1%}): FineServe "
                     f"{_f(h['fineserve_attainment'], '{:.1%}')}, attainment x{_f(h['attainment_ratio'], '{:.2f}')}, "
                     f"token throughput x{_f(h['throughput_ratio'], '{:.2f}')} ({h['note']})."]
+        if "rate_ratio_at_50pct" in h:
+            out.append(f"Rate at which each policy falls to 50% attainment: FineServe x{h['rate_ratio_at_50pct']:.2f} "
+                       f"static partition's.")
+        elif "rate_ratio_at_50pct_at_least" in h:
+            out.append(f"FineServe stays above 50% attainment at every swept rate: at least "
+                       f"x{h['rate_ratio_at_50pct_at_least']:.2f} the rate at which static partition falls to 50%.")
         if not h["static_near_50"]:
             out.append("No swept rate brings static partition near 50% attainment (within 15 points): the "
                        "ratios above are not the headline comparison; sweep other rates.")

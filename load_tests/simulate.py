@@ -84,7 +84,7 @@ from fineserve_core.placement import ClusterSpec, ModelSpec, Plan, PlacementConf
 from fineserve_core.sampling import SamplingParams
 from fineserve_core.scheduler import PrismScheduler, Scheduler
 from fineserve_core.sequence import Sequence as Seq
-from load_tests.report import percentile
+from load_tests.report import percentile, rate_at
 from load_tests.workload import LengthSampler, Request, generate, power_law_rates, rotate_period
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -514,13 +514,8 @@ def _init_worker():
 
 def rate_at_attainment(rows: list[dict], policy: str, alpha: float, target: float = 0.5) -> float | None:
     """Largest rate scale (linearly interpolated) at which `policy` still has attainment >= target."""
-    pts = sorted((r["scale"], r["slo_attainment"]) for r in rows if r["policy"] == policy and r["alpha"] == alpha)
-    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
-        if a0 >= target > a1:
-            return s0 + (s1 - s0) * (a0 - target) / (a0 - a1)
-    if pts and pts[-1][1] >= target:
-        return None          # never drops below the target in the swept range
-    return pts[0][0] if pts else None
+    return rate_at(((r["scale"], r["slo_attainment"]) for r in rows if r["policy"] == policy and r["alpha"] == alpha),
+                   target)
 
 
 def attainment_at(rows: list[dict], policy: str, alpha: float, scale: float) -> float | None:

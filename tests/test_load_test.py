@@ -13,7 +13,7 @@ from fineserve_core.cli import main as cli
 from fineserve_core.kv_slab import SERVE_SLAB_POLICY, KVSlabManager, StaticPartitionAllocator
 from fineserve_core.scheduler import PrismScheduler, Scheduler
 from load_tests.client import STATUSES, check_loopback
-from load_tests.report import combine
+from load_tests.report import combine, markdown_combined
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "serve_configs", "dev.yaml")
 
@@ -119,3 +119,21 @@ def test_fineserve_slabs_fall_back_to_padded_when_too_coarse():
         KVSlabManager(meta(16), specs)
     a = make_allocator("fineserve", meta(16), specs, "faithful")
     assert a.policy.name == "padded" and all(a.num_blocks(s.model_id) > 0 for s in specs)
+
+
+def test_combine_gives_the_rate_at_which_each_policy_falls_to_half_attainment():
+    """e2e report: besides the ratios at static's rate nearest 50 %, the simulator's figure — the rate at
+    which each policy falls to 50 % attainment (interpolated), FineServe's over static's."""
+    def sweep(policy, points):
+        rows = [{**{k: None for k in ("sent", "completed", "status", "slo_attainment_ttft_tpot", "request_goodput",
+                                      "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")},
+                 "http_codes": {}, "rate": r, "slo_attainment": a, "output_throughput": 100.0 * a, "kv": {}}
+                for r, a in points]
+        return {"policy": policy, "config": "x.yaml", "rates": rows}
+    st = sweep("static", [(16, 0.7), (24, 0.3)])                          # 50 % at 20 req/s
+    c = combine([st, sweep("fineserve", [(16, 0.9), (24, 0.8), (32, 0.4)])])   # 50 % at 30 req/s
+    assert c["rate_at_50pct"] == {"static": 20.0, "fineserve": 30.0}
+    assert c["headline"]["rate_ratio_at_50pct"] == 1.5 and c["headline"]["rate"] == 16   # nearest 50 %: first of a tie
+    c = combine([st, sweep("fineserve", [(16, 0.9), (24, 0.8)])])           # never below 50 %
+    assert c["rate_at_50pct"]["fineserve"] is None and c["headline"]["rate_ratio_at_50pct_at_least"] == 1.2
+    assert "at least x1.20" in markdown_combined(c)
