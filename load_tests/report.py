@@ -288,8 +288,10 @@ def combine(payloads: Sequence[dict]) -> dict:
         if st50 and fs50:
             out["headline"]["rate_ratio_at_50pct"] = round(fs50 / st50, 2)
         elif st50:      # FineServe never fell to 50 %: its largest swept rate bounds the ratio from below
-            top = max(t["rate"] for t in table if t["policy"] == "fineserve")
-            out["headline"]["rate_ratio_at_50pct_at_least"] = round(top / st50, 2)
+            top = max((t["rate"] for t in table if t["policy"] == "fineserve" and t["slo_attainment"] is not None),
+                      default=None)
+            if top is not None:
+                out["headline"]["rate_ratio_at_50pct_at_least"] = round(top / st50, 2)
     return out
 
 
