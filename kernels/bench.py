@@ -166,10 +166,10 @@ def unpack_twins(M: int, epi: int):
     """The committed table's tile for M with the other INT4→FP8 unpacks (prmt table, subnormal codes) and
     with FP8 products summed over a whole group before the FP32 add (kernels/NOTES.md, session 11)."""
     from kernels.tuned import gemm_config
-    base = gemm_config(M, 4096, 4096, epi)
-    if base.path != "triton" or base.f16:
-        return []
-    return [replace(base, asm=m, acc_k=a) for m, a in ((2, 32), (3, 32), (1, 0), (3, 0))]
+    # every split the table gives this M (plain, wide-N and long-K shapes), so each shape meets its own tile
+    bases = {gemm_config(M, n, k, epi) for n, k in ((4096, 4096), (16384, 4096), (4096, 8192))}
+    return [replace(c, asm=m, acc_k=a) for c in sorted(bases, key=lambda c: c.SPLIT_K)
+            if c.path == "triton" and not c.f16 for m, a in ((2, 32), (3, 32), (1, 0), (3, 0))]
 
 
 def gemm_candidates(M: int, epi: int):

@@ -118,7 +118,7 @@ def scales_t(w: W4Weight) -> torch.Tensor:
 @jit
 def _group_dot(acc, x_ptrs, w_ptrs, st_ptr, g, rn, mask_m, mask_n, N, ok,
                G: tl.constexpr, SWAP_AB: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr,
-               ACC_K: tl.constexpr = 32):
+               ACC_K: tl.constexpr):
     """acc += group g's products. `ok` False (a padded iteration past the split's last group) loads zeros."""
     H: tl.constexpr = G // 2
     xa = tl.load(x_ptrs + g * G, mask=mask_m[:, None] & ok, other=0.0)
@@ -311,7 +311,7 @@ def _launch_triton(x8, xs, w: W4Weight, out, epi: int, residual, cfg: GemmConfig
         ws = cnt = xs  # unused
     res = residual if residual is not None else out
     grid = (tiles, split)
-    asm = 0 if INTERPRET else min(int(cfg.asm), 1) if cfg.f16 else int(cfg.asm)
+    asm = 0 if INTERPRET else (min(int(cfg.asm), 1) if cfg.f16 else int(cfg.asm))   # f16: one PTX variant
     inv_p = (512.0 if asm == 3 else 1.0) / w.pow2      # subnormal codes carry v · 2^-9
     _w4a8_kernel[grid](x8, xs, w.qweight, st, out, res, ws, cnt,
                        M, N, K, n_out, x8.stride(0), out.stride(0), res.stride(0), inv_p,
