@@ -280,36 +280,6 @@ mov.b32 $1, {h01, h23};
 """)
 
 
-# INT4 → FP8 by table lookup (FireQ / CUTLASS's way, no conversion instruction): 8 nibbles per
-# instance. prmt picks bytes of a 2-register table by a 3-bit index per nibble: one lookup in the e4m3
-# codes of 0..7, one in those of −8..−1 (two's complement: low 3 bits l, value l − 8 when bit 3 is set),
-# a third prmt takes each byte from the one its sign bit names, and two more split the results into the
-# low and the high nibbles' bytes. 13 instructions per 8 values plus the 4 table words, which ptxas
-# rematerializes before each use: as many as the f16x2 path (kernels/NOTES.md, session 11).
-_INT4_FP8_LUT_ASM = tl.constexpr("""
-{
-.reg .b32 i, ih, s, sh, pa, pb, na, nb, p0, n0, p1, n1, m0, m1;
-mov.b32 pa, 0x44403800;
-mov.b32 pb, 0x4E4C4A48;
-mov.b32 na, 0xCACCCED0;
-mov.b32 nb, 0xB8C0C4C8;
-and.b32 i, $2, 0x77777777;
-shr.u32 ih, i, 16;
-shr.u32 s, $2, 1;
-lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
-shr.u32 sh, s, 16;
-prmt.b32 p0, pa, pb, i;
-prmt.b32 n0, na, nb, i;
-prmt.b32 p1, pa, pb, ih;
-prmt.b32 n1, na, nb, ih;
-prmt.b32 m0, p0, n0, s;
-prmt.b32 m1, p1, n1, sh;
-prmt.b32 $0, m0, m1, 0x6420;
-prmt.b32 $1, m0, m1, 0x7531;
-}
-""")
-
-
 # INT4 → FP8 *codes of v · 2^-9* (exact, 9 integer instructions per 8 values, no conversion unit, no
 # table): e4m3's subnormals are m · 2^-9 (m = 1..7) and 0x08 is 2^-6 = 8 · 2^-9, so sign | magnitude of v
 # in the low 4 bits is the e4m3 code of v · 2^-9 for every v in −8..7. Two's complement → magnitude per
@@ -341,12 +311,10 @@ def _bytes_to_fp8(b, CODE: tl.constexpr):
 @jit
 def int4_to_fp8(b, ASM: tl.constexpr):
     """uint8 tensor → (e4m3 of the low nibbles, e4m3 of the high nibbles), exact. Inline PTX on the GPU:
-    ASM 1 the f16x2 arithmetic, 2 the prmt table, 3 the subnormal codes (values × 2^-9); ASM 0 their
-    pure-Triton twin (interpreter, reference on the GPU)."""
-    if ASM == 3:
+    ASM 1 the f16x2 arithmetic, 2 the subnormal codes (values × 2^-9); ASM 0 their pure-Triton twin
+    (interpreter, reference on the GPU)."""
+    if ASM == 2:
         lo, hi = _bytes_to_fp8(b, _INT4_FP8_SUB_ASM)
-    elif ASM == 2:
-        lo, hi = _bytes_to_fp8(b, _INT4_FP8_LUT_ASM)
     elif ASM:
         lo, hi = _bytes_to_fp8(b, _INT4_FP8_ASM)
     else:

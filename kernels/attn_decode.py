@@ -188,7 +188,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_tables: torc
 
     k_cache / v_cache: (data, scale) block views of one layer; block_tables int32 [B, max_blocks];
     kv_lens int32 [B] (≥ 1) tokens in the cache including the current one. Three pipeline stages: the
-    fastest (5–10 % over two) at every batch and context of the H100 sweep (kernels-h100.json)."""
+    fastest (5–10 % over two) at every batch and context of the H100 sweep (kernels-h100-run3-sweep.json)."""
     fmt = _FMT[precision]
     kd, ks = k_cache
     vd, vs = v_cache

@@ -163,13 +163,14 @@ def sec_ceilings(res):
 
 
 def unpack_twins(M: int, epi: int):
-    """The committed table's tile for M with the other INT4→FP8 unpacks (prmt table, subnormal codes) and
-    with FP8 products summed over a whole group before the FP32 add (kernels/NOTES.md, session 11)."""
+    """The committed table's tile for M with the other INT4→FP8 unpacks (f16x2, subnormal codes)
+    and FP32 promotion per wgmma k-step or per group (kernels/NOTES.md, sessions 11-12)."""
     from kernels.tuned import gemm_config
     # every split the table gives this M (plain, wide-N and long-K shapes), so each shape meets its own tile
     bases = {gemm_config(M, n, k, epi) for n, k in ((4096, 4096), (16384, 4096), (4096, 8192))}
     return [replace(c, asm=m, acc_k=a) for c in sorted(bases, key=lambda c: c.SPLIT_K)
-            if c.path == "triton" and not c.f16 for m, a in ((2, 32), (3, 32), (1, 0), (3, 0))]
+            if c.path == "triton" and not c.f16 for m, a in ((1, 32), (2, 32), (1, 0), (2, 0))
+            if (m, a) != (int(c.asm), c.acc_k)]
 
 
 def gemm_candidates(M: int, epi: int):
@@ -402,7 +403,7 @@ def parse_cfg(key: str):
     p = key.split("_")
     return GemmConfig("triton", BM=int(p[1][2:]), BN=int(p[2][2:]), SPLIT_K=int(p[3][2:]), SWAP_AB=p[4] == "swap",
                       num_warps=int(p[5][1:]), num_stages=int(p[6][1:]),
-                      asm=3 if "sub" in p[7:] else 2 if "lut" in p[7:] else int("asm" in p[7:]),
+                      asm=2 if "sub" in p[7:] else int("asm" in p[7:]),
                       acc_k=next((int(t[3:]) for t in p[7:] if t.startswith("acc")), 32), f16="f16" in p[7:],
                       GPI=next((int(t[3:]) for t in p[7:] if t.startswith("gpi")), 1))
 

@@ -104,11 +104,11 @@ def test_exact_casts(gen):
     assert torch.equal(b.cpu(), x.to(torch.bfloat16).cpu()), f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("asm", [0, 1, 2, 3])
+@pytest.mark.parametrize("asm", [0, 1, 2])
 def test_int4_unpack(asm):
     """Every byte value: (e4m3 of the low nibble, e4m3 of the high nibble); asm 1 / 2 are the inline PTX
-    paths on the GPU (f16x2 arithmetic / prmt table / subnormal codes of v · 2^-9; their pure-Triton twin
-    under the interpreter)."""
+    paths on the GPU (f16x2 arithmetic / subnormal codes of v · 2^-9; their pure-Triton twin under the
+    interpreter)."""
     import triton.language as tl
 
     @kc.jit
@@ -133,7 +133,7 @@ def test_int4_unpack(asm):
     for kern, dt in ((k, FP8_DTYPE), (k16, torch.float16)):
         lo, hi = kc.empty((16, 16), dt, DEV), kc.empty((16, 16), dt, DEV)
         kern[(1,)](b, lo, hi, ASM=asm if CUDA else 0)
-        f = 512.0 if asm == 3 and CUDA and dt == FP8_DTYPE else 1.0      # subnormal codes: v · 2^-9
+        f = 512.0 if asm == 2 and CUDA and dt == FP8_DTYPE else 1.0      # subnormal codes: v · 2^-9
         assert torch.equal(lo.cpu().float().reshape(-1) * f, q[:, 0]), dt
         assert torch.equal(hi.cpu().float().reshape(-1) * f, q[:, 1]), dt
 
@@ -145,21 +145,12 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     def val(t):
         return regs[t] if t in regs else int(t, 0)
 
-    def prmt(a, b, c):
-        src, out = (b << 32) | a, 0
-        for k in range(4):
-            sel = (c >> 4 * k) & 0xF
-            byte = (src >> 8 * (sel & 7)) & 0xFF
-            out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * k
-        return out
-
     def lop3(a, b, c, lut):
         return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
                    for i in range(32))
 
-    ops = {"mov": lambda a: a, "and": lambda a, b: a & b, "xor": lambda a, b: a ^ b, "shr": lambda a, b: a >> b,
-           "shl": lambda a, b: a << b, "mul": lambda a, b: a * b, "add": lambda a, b: a + b, "lop3": lop3,
-           "prmt": prmt}
+    ops = {"and": lambda a, b: a & b, "xor": lambda a, b: a ^ b, "shr": lambda a, b: a >> b,
+           "shl": lambda a, b: a << b, "mul": lambda a, b: a * b, "add": lambda a, b: a + b, "lop3": lop3}
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if not line or line[0] in "{}.":
@@ -170,13 +161,11 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("name", ["_INT4_FP8_LUT_ASM", "_INT4_FP8_SUB_ASM"])
-def test_int4_fp8_asm_text_on_every_byte(name):
+def test_int4_fp8_sub_asm_text_on_every_byte():
     """The PTX text itself, run by a small interpreter on the CPU (the GPU test runs it for real): the
-    prmt table gives e4m3(v), the subnormal codes e4m3(v · 2^-9), for both nibbles of every byte value."""
+    subnormal codes are e4m3(v · 2^-9), for both nibbles of every byte value."""
     from fineserve_core.quant.formats import unpack_int4
-    asm = getattr(kc, name).value
-    f = 512.0 if name == "_INT4_FP8_SUB_ASM" else 1.0
+    asm = kc._INT4_FP8_SUB_ASM.value
     b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     q = unpack_int4(b.reshape(-1, 1)).float()                # [256, 2]: (low, high)
     lo, hi = torch.empty(256, dtype=torch.uint8), torch.empty(256, dtype=torch.uint8)
@@ -184,8 +173,8 @@ def test_int4_fp8_asm_text_on_every_byte(name):
         r = _run_ptx(asm, {"$2": int.from_bytes(bytes(range(i, i + 4)), "little")})
         lo[i:i + 4] = torch.tensor(list(r["$0"].to_bytes(4, "little")), dtype=torch.uint8)
         hi[i:i + 4] = torch.tensor(list(r["$1"].to_bytes(4, "little")), dtype=torch.uint8)
-    assert torch.equal(lo.view(FP8_DTYPE).float() * f, q[:, 0])
-    assert torch.equal(hi.view(FP8_DTYPE).float() * f, q[:, 1])
+    assert torch.equal(lo.view(FP8_DTYPE).float() * 512, q[:, 0])
+    assert torch.equal(hi.view(FP8_DTYPE).float() * 512, q[:, 1])
 
 
 # ---------------------------------------------------------------------------------------------------- FP8 quant
@@ -258,9 +247,8 @@ CONFIGS = [
     wg.GemmConfig(BM=16, BN=32, f16=True, GPI=2),                   # 3 groups in steps of 2: a padded step
     wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=True, f16=True, GPI=2),
     wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=2),
-    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=3),
-    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, asm=3),
-    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=3, acc_k=0),
+    wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, asm=2),
+    wg.GemmConfig(BM=16, BN=64, SWAP_AB=True, asm=2, acc_k=0),
     wg.GemmConfig(BM=64, BN=64, SPLIT_K=2, SWAP_AB=True, asm=True, acc_k=0),
 ]
 
@@ -279,7 +267,7 @@ def test_w4a8_gemm(gen, cfg, out_dtype):
     assert relerr(y, gemm64(x, w, fp8_weights=two)) < tol, f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[9], CONFIGS[11]], ids=lambda c: c.key())
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[9], CONFIGS[10]], ids=lambda c: c.key())
 def test_w4a8_gemm_residual_group64(gen, cfg):
     M, N, K = 9, 48, 192                           # group 64 (K % 128 != 0)
     x, w = rnd(gen, M, K), _w4(gen, N, K)
@@ -290,7 +278,7 @@ def test_w4a8_gemm_residual_group64(gen, cfg):
     assert relerr(y, ref) < TOL[torch.bfloat16], f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[i] for i in (0, 3, 4, 8, 12, 13)], ids=lambda c: c.key())
+@pytest.mark.parametrize("cfg", [CONFIGS[i] for i in (0, 3, 4, 8, 11, 12)], ids=lambda c: c.key())
 def test_w4a8_gate_up_silu(gen, cfg):
     M, inter, K = 11, 40, 256
     x, w = rnd(gen, M, K), _w4(gen, 2 * inter, K)
