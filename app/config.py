@@ -34,7 +34,7 @@ class ModelDeployment(Strict):
     gpu_fraction: float = Field(0.5, gt=0, le=1)
     replicas: int = Field(1, ge=1)
     rate: float = Field(1.0, ge=0)                    # expected requests/s: KV pool split and placement
-    scheduler: Literal["saab", "fcfs"] = "saab"
+    scheduler: Literal["saab", "saab-online", "fcfs"] = "saab"
     slo: SLO = SLO()
     engine: EngineOverrides = EngineOverrides()
     # overload control per replica (Serve deployment options): requests in flight on one replica, and

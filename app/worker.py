@@ -123,14 +123,14 @@ class ModelWorker:
         """SAAB's linear TTFT model for a new request of `num_tokens` on this replica: every prompt token
         not yet prefilled here (requests not yet started) and one token per running decode come first."""
         s = self.engine.scheduler
-        return waited + s.ttft_per_token * (self.unstarted_tokens + len(s.running) + num_tokens)
+        return waited + s.ttft_slope() * (self.unstarted_tokens + len(s.running) + num_tokens)
 
     def info(self) -> dict:
         e = self.engine
         return {"tier": self.cfg.tier, "name": self.cfg.name, "precision": self.cfg.precision, "gpu": self.gpu,
                 "pid": os.getpid(), "replica": self.replica_id, "device": str(e.device), "dtype": str(e.dtype),
                 "max_model_len": e.max_model_len, "ttft_slo_s": self.ttft_slo, "tpot_slo_s": self.tpot_slo,
-                "ttft_per_token_s": e.scheduler.ttft_per_token, "kv_blocks_in_use": e.blocks.num_in_use,
+                "ttft_per_token_s": e.scheduler.ttft_slope(), "kv_blocks_in_use": e.blocks.num_in_use,
                 "kv_blocks_cached": e.blocks.num_cached, "running": len(e.scheduler.running),
                 "waiting": len(e.scheduler.waiting), "created": self.started,
                 "kv_buffer": e.allocator.handle_desc, "kv_buffer_bytes": e.allocator.buffer_bytes}

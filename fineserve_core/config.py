@@ -54,7 +54,7 @@ class EngineConfig(Strict):
     kv_cache_bytes: int | None = Field(None, gt=0)   # private KV buffer size when no shared allocator is given
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     seed: int = 0                                    # random weights of shape presets
-    scheduler: Literal["fcfs", "saab", "prism"] = "fcfs"   # prism: the Prism baseline's queue
+    scheduler: Literal["fcfs", "saab", "saab-online", "prism"] = "fcfs"   # prism: the Prism baseline's queue
     ttft_per_token: float = Field(0.0, ge=0.0)       # SAAB's TTFT model: seconds of prefill per batched token
     cuda_graphs: bool = True                         # decode steps replay CUDA graphs (CUDA only)
     # steps with prompt tokens, up to this many tokens, replay piecewise graphs (`step_graphs`); 0: eager

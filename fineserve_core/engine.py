@@ -182,6 +182,7 @@ class Engine:
         self.scheduler.dropped.clear()
         if not batch:
             return outputs
+        t0 = time.perf_counter()
         # decodes, then prompts, then chunks continuing a prompt: each attention kernel's rows are then one
         # range of the step's tokens (slices, not gathers; `attention._cuda_attention`)
         batch.sort(key=lambda sn: 0 if sn[1] == 1 else 1 if sn[0].num_computed == 0 else 2)
@@ -216,6 +217,8 @@ class Engine:
             tokens = sample_batch(logits, [s.params for s in samplers], [s.generator for s in samplers])
             for seq, token in zip(samplers, tokens):
                 outputs.append(self._append(seq, token, now))
+        if len(ids) > len(batch):        # prompt tokens in this step: saab-online's TTFT slope
+            self.scheduler.observe(len(ids), time.perf_counter() - t0)
         return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:

@@ -8,7 +8,10 @@ recompute: its blocks are freed and it re-prefills later, so no output token eve
 Admission policy: `fcfs` (queue order) or `saab`, FineServe's SLO-aware adaptive batching: with a
 linear TTFT model (seconds per batched token), a request that would miss its TTFT deadline even if
 admitted alone now is dropped (reported to the client, counted as an SLO miss); of the rest, the
-longest are held back until every admitted request is predicted to meet its deadline. `prism`
+longest are held back until every admitted request is predicted to meet its deadline. `saab-online`:
+the same rule with the TTFT model's slope taken from the replica's own recent steps (seconds per batched
+token over the last steps that carried prompt tokens, never below the profiled slope), so that a GPU
+shared with other models, whose steps stretch under their load, is not assumed idle. `prism`
 (`PrismScheduler`): Prism's queue, the baseline's local policy.
 """
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Callable
 from fineserve_core.kv_slab import BlockCache, KVOutOfMemory
 from fineserve_core.sequence import Sequence, Status
 
+ONLINE_STEPS = 16        # saab-online: how many recent prompt-carrying steps its TTFT slope averages
+
 
 class Scheduler:
     def __init__(self, blocks: BlockCache, tokens_per_block: int, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", ttft_per_token: float = 0.0,
                  clock: Callable[[], float] = time.monotonic):
-        if policy not in ("fcfs", "saab"):
-            raise ValueError(f"unknown scheduling policy {policy!r} (fcfs or saab)")
+        if policy not in ("fcfs", "saab", "saab-online"):
+            raise ValueError(f"unknown scheduling policy {policy!r} (fcfs, saab or saab-online)")
         self.blocks, self.T = blocks, tokens_per_block
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.policy, self.ttft_per_token = policy, ttft_per_token
@@ -35,6 +40,18 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.dropped: list[Sequence] = []        # SAAB drops since the engine last collected them
         self.num_preemptions = 0
+        self._steps: deque[tuple[int, float]] = deque(maxlen=ONLINE_STEPS)   # saab-online: (tokens, seconds)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A step that carried prompt tokens ran `tokens` batched tokens in `seconds` (wall or simulated)."""
+        if self.policy == "saab-online" and tokens > 0:
+            self._steps.append((tokens, seconds))
+
+    def ttft_slope(self) -> float:
+        """Seconds per batched token of SAAB's TTFT model: the profiled slope, or the recent steps' if higher."""
+        if not self._steps:
+            return self.ttft_per_token
+        return max(self.ttft_per_token, sum(t for _, t in self._steps) / sum(n for n, _ in self._steps))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -75,7 +92,7 @@ class Scheduler:
         """Waiting sequences that may start now, in queue order."""
         if self.policy == "fcfs" or not self.waiting:
             return list(self.waiting)
-        now, tpt = self.clock(), self.ttft_per_token
+        now, tpt = self.clock(), self.ttft_slope()
         batched = sum(len(s) - s.num_computed for s in self.running)   # a decode counts one token
         slo = [s for s in self.waiting if s.deadline is not None and s.first_token_time is None]
         for s in slo:
@@ -161,7 +178,7 @@ class PrismScheduler(Scheduler):
 
 def make_scheduler(policy: str, blocks: BlockCache, tokens_per_block: int, max_num_seqs: int,
                    max_num_batched_tokens: int, **kw) -> Scheduler:
-    """The local scheduler of a policy name: fcfs | saab | prism."""
+    """The local scheduler of a policy name: fcfs | saab | saab-online | prism."""
     if policy == "prism":
         return PrismScheduler(blocks, tokens_per_block, max_num_seqs, max_num_batched_tokens, **kw)
     return Scheduler(blocks, tokens_per_block, max_num_seqs, max_num_batched_tokens, policy, **kw)

@@ -76,6 +76,8 @@ class App:
             app_args["policy"] = args.policy
         if args.slab_policy:
             app_args["slab_policy"] = args.slab_policy
+        if args.scheduler:
+            app_args["models"] = [{**m, "scheduler": args.scheduler} for m in app_args.get("models", [])]
         if args.kv_cache_gib:
             app_args["kv_cache_bytes"] = int(args.kv_cache_gib * (1 << 30))
         spec["args"] = app_args
@@ -313,6 +315,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
     p.add_argument("--policy", choices=["fineserve", "static", "prism"], help="override the config's `policy`")
     p.add_argument("--slab-policy", help="override the config's `slab_policy` (KV Slab variant of policy fineserve)")
+    p.add_argument("--scheduler", choices=["saab", "saab-online", "fcfs"],
+                   help="override every model's `scheduler` (the local queue of policy fineserve)")
     p.add_argument("--url", help="drive an app already running here (loopback) instead of starting one")
     p.add_argument("--port", type=int, help="HTTP port of the app this run starts (default: a free one)")
     p.add_argument("--alpha", type=float, help="power-law popularity over the tiers (rate_i ∝ (i+1)^-alpha)")

@@ -36,7 +36,8 @@ Policies (placement + KV + queue; same engine/scheduler code for all):
              the lcm of the data blocks on that GPU, INT4 KV scales in slots of their own; when the
              lcm makes slabs too coarse for the buffer, "padded" slabs, counted in the results;
              `placement.slab_layout`, which placement checks for every GPU it fills) + SAAB
-             with the plan's ttft_per_token, max_num_seqs 256 ("fineserve-cap": slo_max_bs, FineServe's code).
+             with the plan's ttft_per_token, max_num_seqs 256 ("fineserve-cap": slo_max_bs, FineServe's code;
+             "fineserve-online": SAAB's slope from each replica's recent steps, `scheduler.py` saab-online).
   static     memory-balanced placement at the base TP + a fixed KV region per replica proportional
              to its placement memory + FCFS, max_num_seqs 256.
   prism      KVPR placement + elastic KV in 2 MiB pages from one shared pool per GPU (KVSlabManager
@@ -143,6 +144,7 @@ class SimConfig:
     retry_s: float = 0.01                  # a replica blocked on KV memory tries again after this
     timeout_scan_s: float = 0.5
     drain_limit_s: float = 600.0           # simulated seconds after the last arrival before a run is cut
+    local_policy: str | None = None        # the replicas' queue instead of the plan's ("saab-online")
 
 
 IDLE, RUNNING, BLOCKED = range(3)
@@ -242,7 +244,7 @@ class Simulator:
                                            self.cfg.max_num_batched_tokens, ttft_per_token=mp.ttft_per_token, **kw)
                 else:
                     sched = Scheduler(cache, kspec.tokens_per_block, mp.max_num_seqs, self.cfg.max_num_batched_tokens,
-                                      plan.local_policy, mp.ttft_per_token, **kw)
+                                      self.cfg.local_policy or plan.local_policy, mp.ttft_per_token, **kw)
                 cap = alloc.num_blocks(r.replica_id) * kspec.tokens_per_block
                 rep = _Replica(r.replica_id, mp.name, tuple(r.gpus), prof, sched, alloc, mp.slo_ttft, mp.slo_tpot, cap)
                 self.replicas[mp.name].append(rep)
@@ -351,6 +353,8 @@ class Simulator:
             self.gpu_active[g] += 1
             share = max(share, self.gpu_active[g])
         dur = cost * share
+        if pre:
+            sch.observe(pre + dec, dur)
         for g in rep.gpus:
             self.busy_time[g] += cost
         rep.state = RUNNING
@@ -481,13 +485,16 @@ def scenario(name: str, precisions: str = "mixed") -> Scenario:
     raise ValueError(f"unknown scenario {name!r} (muxserve-32, fineserve-16)")
 
 
-POLICY_ORDER = ("fineserve", "static", "prism", "fineserve-cap")
+POLICY_ORDER = ("fineserve", "static", "prism", "fineserve-cap", "fineserve-online")
 DEFAULT_POLICIES = POLICY_ORDER[:3]
-#: policy name -> (placement policy, PlacementConfig); "fineserve-cap" is FineServe with the engine's
-#: max_num_seqs = slo_max_bs, as FineServe's code has it, instead of 256 (an ablation of that one rule)
-VARIANTS = {"fineserve": ("fineserve", PlacementConfig()), "static": ("static", PlacementConfig()),
-            "prism": ("prism", PlacementConfig()),
-            "fineserve-cap": ("fineserve", PlacementConfig(cap_at_slo_max_bs=True))}
+#: policy name -> (placement policy, PlacementConfig, SimConfig); "fineserve-cap" is FineServe with the
+#: engine's max_num_seqs = slo_max_bs, as FineServe's code has it, instead of 256 (an ablation of that one
+#: rule); "fineserve-online" is FineServe with SAAB's TTFT slope from each replica's recent steps
+VARIANTS = {"fineserve": ("fineserve", PlacementConfig(), SimConfig()),
+            "static": ("static", PlacementConfig(), SimConfig()),
+            "prism": ("prism", PlacementConfig(), SimConfig()),
+            "fineserve-cap": ("fineserve", PlacementConfig(cap_at_slo_max_bs=True), SimConfig()),
+            "fineserve-online": ("fineserve", PlacementConfig(), SimConfig(local_policy="saab-online"))}
 
 
 def _one(args) -> dict:
@@ -495,8 +502,8 @@ def _one(args) -> dict:
     specs = sc.specs(alpha, scale)
     cost = _COST or CostModel.default("h100")
     reqs = generate({s.name: s.rate for s in specs}, duration, seed=seed, rotate=rotate)
-    pol, pcfg = VARIANTS[policy]
-    plan, m = simulate(pol, specs, sc.cluster, cost, reqs, pcfg)
+    pol, pcfg, scfg = VARIANTS[policy]
+    plan, m = simulate(pol, specs, sc.cluster, cost, reqs, pcfg, scfg)
     m.pop("per_model", None)
     return {"alpha": alpha, "scale": scale, "policy": policy, "total_rate": round(sum(s.rate for s in specs), 3),
             "requests_generated": len(reqs),

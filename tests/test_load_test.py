@@ -40,6 +40,20 @@ def test_policy_selects_allocator_and_queue(dev_args):
         AppConfig(**{**dev_args, "policy": "vllm"})
 
 
+def test_scheduler_flag_overrides_every_models_queue():
+    import argparse
+    from load_tests.load_test import App, add_cli
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers())
+    base = ["load-test", "--config", DEV, "--rate", "1"]
+    app = App(ap.parse_args(base + ["--scheduler", "saab-online"]))
+    assert app.cfg.models and {app.cfg.scheduler_of(m) for m in app.cfg.models} == {"saab-online"}
+    plain = App(ap.parse_args(base)).cfg
+    assert {plain.scheduler_of(m) for m in plain.models} == {"saab"}
+    with pytest.raises(SystemExit):
+        ap.parse_args(base + ["--scheduler", "lifo"])
+
+
 def test_engine_runs_prism_queue():
     from fineserve_core.config import EngineConfig
     from fineserve_core.engine import Engine

@@ -41,6 +41,24 @@ def test_saab_drops_hopeless_requests_and_holds_back_the_longest():
     assert "long" in batch2
 
 
+def test_saab_online_takes_the_slope_of_stretched_steps_and_never_goes_below_the_profile():
+    s = scheduler("saab-online", tpt=0.001)
+    assert s.ttft_slope() == 0.001
+    s.observe(100, 0.05)                              # fast steps: the profiled slope stays the floor
+    assert s.ttft_slope() == 0.001
+    for _ in range(16):                               # a shared GPU: steps take 4 ms per token
+        s.observe(100, 0.4)
+    assert s.ttft_slope() == pytest.approx(0.004)
+    short = seq("short", 50, slo=0.3)                 # 0.05 s at the profile, 0.2 s at 4 ms: admitted
+    tight = seq("tight", 100, slo=0.3)                # 0.1 s at the profile, 0.4 s even alone: dropped
+    s.add(short)
+    s.add(tight)
+    assert [q.request_id for q, _ in s.schedule()] == ["short"] and [d.request_id for d in s.dropped] == ["tight"]
+    plain = scheduler("saab", tpt=0.001)
+    plain.observe(100, 0.4)                           # plain SAAB keeps the profiled model
+    assert plain.ttft_slope() == 0.001
+
+
 def test_fcfs_admits_in_order_without_drops():
     s = scheduler("fcfs", tpt=0.001)
     for x in (seq("hopeless", 500, 0.2), seq("a", 50, 0.3)):
@@ -65,4 +83,18 @@ def test_engine_reports_saab_drops_as_finished_outputs():
     late = [o for o in outs if o.request_id == "late"]
     assert len(late) == 1 and late[0].finish_reason == "dropped" and late[0].completion_tokens == 0
     assert ok.finish_reason == "length" and len(ok.output_ids) == 4
+    eng.close()
+
+
+def test_engine_feeds_saab_online_its_prompt_steps():
+    eng = Engine(EngineConfig(model="smollm2-135m", dtype="float32", device="cpu", scheduler="saab-online",
+                              max_num_batched_tokens=32))
+    eng.scheduler.ttft_per_token = 1e-9                # below any real step: the slope is the engine's own
+    t0 = time.perf_counter()
+    eng.add_request("a", [1] * 80, P, deadline=time.monotonic() + 600)     # 3 prompt steps of <= 32 tokens
+    while eng.has_unfinished():
+        eng.step()
+    wall = time.perf_counter() - t0
+    assert [n for n, _ in eng.scheduler._steps] == [32, 32, 16]
+    assert 1e-9 < eng.scheduler.ttft_slope() < wall / 80
     eng.close()
