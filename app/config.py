@@ -8,6 +8,8 @@ from pydantic import Field, field_validator, model_validator
 from fineserve_core.config import Precision, Strict
 from fineserve_core.kv_slab import SERVE_SLAB_POLICY
 
+LocalQueue = Literal["saab", "saab-online", "fcfs"]     # a model's queue under policy fineserve
+
 
 class SLO(Strict):
     ttft_ms: float | None = Field(None, gt=0)    # None: scale × this model's single-request TTFT at 903 tokens
@@ -34,7 +36,7 @@ class ModelDeployment(Strict):
     gpu_fraction: float = Field(0.5, gt=0, le=1)
     replicas: int = Field(1, ge=1)
     rate: float = Field(1.0, ge=0)                    # expected requests/s: KV pool split and placement
-    scheduler: Literal["saab", "saab-online", "fcfs"] = "saab"
+    scheduler: LocalQueue = "saab"
     slo: SLO = SLO()
     engine: EngineOverrides = EngineOverrides()
     # overload control per replica (Serve deployment options): requests in flight on one replica, and

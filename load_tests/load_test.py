@@ -30,8 +30,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
+
+from app.config import LocalQueue
 
 from load_tests.client import Result, check_loopback, send
 from load_tests.report import markdown_sweep, plot_sweep, summarize
@@ -315,7 +318,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
     p.add_argument("--policy", choices=["fineserve", "static", "prism"], help="override the config's `policy`")
     p.add_argument("--slab-policy", help="override the config's `slab_policy` (KV Slab variant of policy fineserve)")
-    p.add_argument("--scheduler", choices=["saab", "saab-online", "fcfs"],
+    p.add_argument("--scheduler", choices=get_args(LocalQueue),
                    help="override every model's `scheduler` (the local queue of policy fineserve)")
     p.add_argument("--url", help="drive an app already running here (loopback) instead of starting one")
     p.add_argument("--port", type=int, help="HTTP port of the app this run starts (default: a free one)")
