@@ -239,8 +239,8 @@ KV_KEYS = ("mean_wasted_fraction", "mean_wasted_gib", "mean_worst_wasted_fractio
 
 
 def rate_at(points: Iterable[tuple[float, float]], target: float = 0.5) -> float | None:
-    """Largest rate (linearly interpolated) of (rate, attainment) points at which attainment is still
-    >= target; None if it never drops below the target in the swept range."""
+    """The rate (linearly interpolated) at which attainment first falls below `target`, going up the
+    swept (rate, attainment) points; None if it never drops below the target in the swept range."""
     pts = sorted(points)
     for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
         if a0 >= target > a1:

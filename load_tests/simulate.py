@@ -520,7 +520,7 @@ def _init_worker():
 
 
 def rate_at_attainment(rows: list[dict], policy: str, alpha: float, target: float = 0.5) -> float | None:
-    """Largest rate scale (linearly interpolated) at which `policy` still has attainment >= target."""
+    """The rate scale (linearly interpolated) at which `policy`'s attainment first falls below target."""
     return rate_at(((r["scale"], r["slo_attainment"]) for r in rows if r["policy"] == policy and r["alpha"] == alpha),
                    target)
 
