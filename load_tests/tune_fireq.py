@@ -18,7 +18,7 @@ from fineserve_core.eval_ppl import build_rung, perplexity, private_kv
 from fineserve_core.quant.fireq import FireQConfig, default_calibration
 from fineserve_core.results import write_result
 
-DEFAULT_SETS = ["beta=4", "beta=16", "top_k=4", "top_k=16", "c_ug=0.05", "v_mul=2.0", "alpha=2"]
+DEFAULT_SETS = ["beta=4", "beta=16", "top_k=4", "top_k=16", "c_ug=0.05", "v_mul=2.0", "alpha=2", "w4_scale=signed"]
 
 
 def parse(spec: str) -> dict:
@@ -26,7 +26,8 @@ def parse(spec: str) -> dict:
     fields = {f.name: f.type for f in dataclasses.fields(FireQConfig)}
     if name not in fields or not value:
         raise SystemExit(f"--set {spec!r}: expected CONSTANT=VALUE with CONSTANT one of {sorted(fields)}")
-    return {name: int(value) if fields[name] in (int, "int") else float(value)}
+    typ = fields.get(name)
+    return {name: int(value) if typ in (int, "int") else value if typ in (str, "str") else float(value)}
 
 
 def main() -> int:

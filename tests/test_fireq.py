@@ -225,6 +225,14 @@ def test_gptq_keeps_the_format_and_beats_rtn_on_the_layer_output(gen):
     assert e_gptq < 0.9 * e_rtn, f"seed {gen.initial_seed()}: gptq {e_gptq} vs rtn {e_rtn}"
 
 
+def test_w4_scale_rule_is_validated():
+    assert fireq.FireQConfig(w4_scale="signed").w4_scale == "signed"
+    with pytest.raises(ValueError, match="w4_scale must be one of"):
+        fireq.FireQConfig(w4_scale="mse")
+    with pytest.raises(ValueError, match="INT4 weights"):
+        fireq.FireQConfig.for_precision("fp8", w4_scale="signed")
+
+
 def test_ablation_ladder_rungs_add_one_technique_each():
     from fineserve_core.eval_ppl import LADDER, rung_settings
     seen = []
@@ -232,10 +240,10 @@ def test_ablation_ladder_rungs_add_one_technique_each():
         precision, fq, rt, kv = rung_settings(rung)
         assert precision == "w4a8kv4"
         seen.append((rt.act_fp8, kv == "w4a8kv4" and rt.q_fp8, fq.pow2, fq.smoothing, fq.pre_rope, fq.post_rope,
-                     fq.gptq))
+                     fq.w4_scale == "signed", fq.gptq))
     for a, b in zip(seen, seen[1:]):                  # each rung switches exactly one more thing on
         assert sum(y and not x for x, y in zip(a, b)) == 1 and all(y for x, y in zip(a, b) if x)
-    assert seen[0] == (False,) * 7 and seen[-1] == (True,) * 7
+    assert seen[0] == (False,) * 8 and seen[-1] == (True,) * 8
     assert rung_settings("bf16")[0] == "bf16" and rung_settings("fp8")[3] == "fp8"
 
 

@@ -27,7 +27,7 @@ from fineserve_core.quant import (
     dequantize_fp8_per_token, dequantize_fp8_weight, dequantize_kv_fp8, dequantize_kv_int4,
     dequantize_w4, dequantize_w4_unscaled, fp8_linear_ref, group_size_for, pack_int4,
     quantize_fp8_per_token, quantize_fp8_weight, quantize_kv_fp8, quantize_kv_int4, quantize_q_fp8,
-    quantize_w4, search_pow2, unpack_int4, w4a8_linear_ref,
+    quantize_w4, search_pow2, unpack_int4, w4_group_scale, w4a8_linear_ref,
 )
 
 FP8 = torch.float8_e4m3fn
@@ -277,6 +277,38 @@ def test_quantize_w4_deterministic_and_rejects():
         quantize_w4(torch.randn(4, 128), group_size=96)   # does not divide K
     with pytest.raises(ValueError):
         quantize_w4(torch.randn(2, 4, 128))               # not 2-D
+
+
+@SET
+@given(seed=SEEDS, N=st.integers(1, 24), groups=st.integers(1, 6), g=st.sampled_from([64, 128]),
+       log_std=st.floats(-6.0, 1.0), shift=st.floats(-1.0, 1.0))
+def test_signed_scale_rule_is_never_coarser_and_keeps_the_bound(seed, N, groups, g, log_std, shift):
+    w = randn(seed, N, groups * g, scale=10.0 ** log_std) + shift * 10.0 ** log_std     # skewed groups too
+    a, b = quantize_w4(w, g), quantize_w4(w, g, scale_rule="signed")
+    assert a.pow2 == b.pow2                                  # the pow2 search does not depend on the rule
+    assert bool((b.scales.float() <= a.scales.float()).all())
+    wp = (w.double() * b.pow2).reshape(N, groups, g)
+    step = torch.maximum(wp.amax(-1).clamp_min(0) / 7, -wp.amin(-1).clamp_max(0) / 8)
+    sb = b.scales.double()
+    err = (wp - dequantize_w4_unscaled(b).double().reshape(N, groups, g)).abs()
+    normal = (step >= 2.0 ** -6).unsqueeze(-1).expand_as(err)          # FP8-normal steps: exactly ≤ s/2
+    assert bool((err[normal] <= (sb.unsqueeze(-1).expand_as(err)[normal] / 2) * (1 + 1e-6)).all())
+    assert bool((err <= torch.maximum(sb / 2, wp.abs().amax(-1) - 7 * sb).unsqueeze(-1) * (1 + 1e-6)).all())
+
+
+def test_signed_scale_rule_uses_minus_eight_and_lowers_the_error():
+    c = 2.0 ** -4
+    grp = torch.zeros(1, 64)
+    grp[0, :16] = torch.arange(-8, 8) * c                    # exactly on the grid -8..7 of step c
+    exact = quantize_w4(grp, 64, pow2=1.0, scale_rule="signed")
+    assert float(exact.scales.float()) == c and torch.equal(dequantize_w4(exact), grp)
+    fireq = quantize_w4(grp, 64, pow2=1.0)                   # absmax/7: step 8c/7, the grid is lost
+    assert float(fireq.scales.float()) > c and not torch.equal(dequantize_w4(fireq), grp)
+    w = randn(torch.seed() % 2**31, 64, 1024, scale=0.02)
+    errs = [(dequantize_w4(quantize_w4(w, scale_rule=r)) - w).abs().mean() for r in ("absmax", "signed")]
+    assert errs[1] < 0.97 * errs[0], errs
+    with pytest.raises(ValueError, match="unknown W4 scale rule 'minmax'"):
+        w4_group_scale(w.reshape(64, 8, 128), "minmax")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from fineserve_core.config import LlamaConfig
 from fineserve_core.quant.formats import (
-    W4Weight, _int4_scale_fp8, group_size_for, pack_int4, quantize_fp8_weight, quantize_w4, search_pow2,
+    W4_SCALE_RULES, W4Weight, group_size_for, pack_int4, quantize_fp8_weight, quantize_w4, search_pow2,
+    w4_group_scale,
 )
 
 __all__ = ["FireQConfig", "smoothing_scales", "apply_smoothing", "pre_rope_scales", "post_rope_scales",
@@ -65,14 +66,19 @@ class FireQConfig:
     # tokens it lowers each layer's calibration error but raises PPL (load_tests/results/accuracy-smollm2-2k.json)
     gptq: bool = False
     gptq_damp: float = 0.01
+    # NOT FireQ: "signed" picks each W4 group's scale as max(max+/7, -min-/8) instead of absmax/7 (same
+    # format, see formats.w4_group_scale); on SmolLM2-135M it lowers the held-out PPL of full w4a8kv4 by 7 %
+    w4_scale: str = "absmax"
     calib_seqs: int = 10           # FireQ: 10 × 2048 tokens
     calib_len: int = 2048
 
     def __post_init__(self):
         if self.precision not in ("w4a8kv4", "fp8"):
             raise ValueError(f"FireQ quantizes to w4a8kv4 or fp8, not {self.precision!r}")
-        if self.gptq and self.precision != "w4a8kv4":
-            raise ValueError("GPTQ applies to the INT4 weights (precision w4a8kv4)")
+        if self.w4_scale not in W4_SCALE_RULES:
+            raise ValueError(f"w4_scale must be one of {W4_SCALE_RULES}, got {self.w4_scale!r}")
+        if (self.gptq or self.w4_scale != "absmax") and self.precision != "w4a8kv4":
+            raise ValueError("GPTQ and the W4 scale rule apply to the INT4 weights (precision w4a8kv4)")
         if self.post_rope and self.precision != "w4a8kv4":
             raise ValueError("post-RoPE scaling belongs to the INT4 KV cache (precision w4a8kv4)")
         if self.top_k < 1 or self.alpha <= 0 or self.beta <= 0 or self.c_ug <= 0 or self.c_d <= 0 or self.v_mul <= 0:
@@ -260,15 +266,15 @@ def transform_layer(w: dict[str, torch.Tensor], stats: KStats | None, cfg: Llama
 # ---------------------------------------------------------------------------------------------------
 
 def gptq_w4(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None = None, pow2: bool = True,
-            damp: float = 0.01, block: int = 128) -> W4Weight:
+            damp: float = 0.01, block: int = 128, scale_rule: str = "absmax") -> W4Weight:
     """GPTQ (Frantar et al., arXiv 2210.17323) into FireQ's W4 format — an option beyond FireQ.
 
     Columns are quantized left to right and each one's rounding error is spread over the columns not
     yet quantized, weighted by the inverse Hessian H = XᵀX of the layer's calibration inputs, which
     minimizes ‖XWᵀ − XŴᵀ‖ instead of ‖W − Ŵ‖. The format is exactly `formats.quantize_w4`'s: the
     per-tensor pow2 is searched on the original weight (FireQ's rule), and each group's FP8 scale
-    max(fp8(absmax/7), 2^-9) is taken from the error-updated weights when the pass reaches the group
-    (GPTQ's group quantization without reordering).
+    (`w4_group_scale` with `scale_rule`) is taken from the error-updated weights when the pass reaches
+    the group (GPTQ's group quantization without reordering).
     """
     N, K = w.shape
     g = group_size or group_size_for(K)
@@ -292,7 +298,7 @@ def gptq_w4(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None = Non
             c = i1 + i
             if c % g == 0:
                 grp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                S[:, c // g] = _int4_scale_fp8(grp.abs().amax(dim=1).float()).float()
+                S[:, c // g] = w4_group_scale(grp.float(), scale_rule).float()
             s = S[:, c // g].double()
             col = W1[:, i]
             qi = torch.round(col / s).clamp_(-8, 7)
@@ -304,8 +310,14 @@ def gptq_w4(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None = Non
     return W4Weight(pack_int4(Q), S.to(torch.float8_e4m3fn), g, p)
 
 
+#: the quantization_config's words for each W4 scale rule
+W4_SCALE_TEXT = {"absmax": "fp8(absmax/7), floor 2^-9",
+                 "signed": "fp8(max(max(W, 0)/7, -min(W, 0)/8)), floor 2^-9 (not FireQ)"}
+
+
 def quantize_layer(w: dict[str, torch.Tensor], precision: str, pow2: bool = True,
-                   hessians: dict | None = None, damp: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
+                   hessians: dict | None = None, damp: float = 0.01,
+                   scale_rule: str = "absmax") -> tuple[dict[str, torch.Tensor], dict]:
     """Fuse and quantize one layer's (transformed) float weights → (tensors of the quantized layout
     without the layer prefix, norms not included; {proj: pow2}). With `hessians` ({proj: (rows, XᵀX)})
     the W4 weights are quantized with GPTQ instead of round to nearest."""
@@ -320,9 +332,9 @@ def quantize_layer(w: dict[str, torch.Tensor], precision: str, pow2: bool = True
     for proj, W in fused.items():
         if precision == "w4a8kv4":
             if hessians is not None:
-                q = gptq_w4(W, hessians[proj][1], pow2=pow2, damp=damp)
+                q = gptq_w4(W, hessians[proj][1], pow2=pow2, damp=damp, scale_rule=scale_rule)
             else:
-                q = quantize_w4(W, pow2=None if pow2 else 1.0)
+                q = quantize_w4(W, pow2=None if pow2 else 1.0, scale_rule=scale_rule)
             out[f"{proj}.qweight"], out[f"{proj}.scales"] = q.qweight, q.scales
             out[f"{proj}.pow2"] = torch.tensor(q.pow2, dtype=torch.float32)
             pows[proj] = q.pow2
@@ -404,7 +416,7 @@ def quantize_model(source, q: FireQConfig, *, calib_ids: list[list[int]] | None 
             # next layer's input and, for GPTQ, the Hessians of the inputs the quantized layer will see
             hess = {} if q.gptq else None
             h_next = layer_forward(h, wt, cfg, rope, k_post_scale=s, hessians=hess)
-        tensors, p = quantize_layer(wt, q.precision, q.pow2, hessians=hess, damp=q.gptq_damp)
+        tensors, p = quantize_layer(wt, q.precision, q.pow2, hessians=hess, damp=q.gptq_damp, scale_rule=q.w4_scale)
         pre = f"model.layers.{i}."
         out[pre + "input_layernorm.weight"] = wt["input_layernorm.weight"].float().cpu()
         out[pre + "post_attention_layernorm.weight"] = wt["post_attention_layernorm.weight"].float().cpu()
@@ -435,7 +447,7 @@ def quantize_model(source, q: FireQConfig, *, calib_ids: list[list[int]] | None 
                             "self_attn.o_proj": group_size_for(cfg.num_heads * cfg.head_dim),
                             "mlp.gate_up_proj": group_size_for(h_dim),
                             "mlp.down_proj": group_size_for(cfg.intermediate_size)},
-             "group_axis": "K (input features)", "scale_dtype": "float8_e4m3fn", "scale": "fp8(absmax/7), floor 2^-9",
+             "group_axis": "K (input features)", "scale_dtype": "float8_e4m3fn", "scale": W4_SCALE_TEXT[q.w4_scale],
              "packing": "uint8 [N, K/2], element 2j low nibble, 2j+1 high nibble, two's complement",
              "pow2_search": q.pow2, "dequantized": "q * scale / pow2"}
             if q.precision == "w4a8kv4" else
