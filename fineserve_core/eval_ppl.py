@@ -120,7 +120,7 @@ def rung_settings(rung: str, base=None, prefill_kv: str = "cache"):
     names = [r for r, _ in LADDER][2:]
     k = names.index(rung)
     fq = FireQConfig(**{**base.to_dict(), "pow2": k >= 3, "smoothing": k >= 4, "pre_rope": k >= 5, "post_rope": k >= 6,
-                        "w4_scale": "signed" if k >= 7 else "absmax", "gptq": k >= 8})
+                        "w4_scale": "signed" if k >= 7 else base.w4_scale, "gptq": k >= 8})
     rt = QuantRuntime(act_fp8=k >= 1, q_fp8=k >= 2, prefill_kv=prefill_kv)
     return "w4a8kv4", fq, rt, ("w4a8kv4" if k >= 2 else "bf16")
 
