@@ -43,6 +43,7 @@ def test_checkpoint_contents(w4_dir, smollm2):
     assert qc["pre_rope"] == {**qc["pre_rope"], "enabled": True, "alpha": 8.0}
     assert qc["post_rope"]["enabled"] and qc["post_rope"]["top_k"] == 8 and qc["post_rope"]["beta"] == 8.0
     assert qc["calibration"]["tokens"] == 128 and qc["calibration"]["files"]
+    assert qc["fireq"]["w4_scale"] == "absmax" and qc["weights"]["scale"] == "fp8(absmax/7), floor 2^-9"
     assert len(qc["pow2"]) == 4 * smollm2.config.num_layers
     assert validate_quantized(w4_dir, "w4a8kv4") == qc
     t = _tensors(w4_dir)
@@ -118,6 +119,29 @@ def test_precision_mismatch_is_refused(w4_dir, tmp_path):
     (liar / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=r"model\.layers\.\d+\..*w4a8kv4"):
         Engine(EngineConfig(model=str(liar), precision="fp8", device="cpu"))
+
+
+def test_signed_w4_scale_checkpoint_holds_exactly_that_rule(tmp_path, smollm2):
+    from fineserve_core.model_source import iter_weights
+    from fineserve_core.quant import quantize_w4
+    out = tmp_path / "smollm2-w4-signed"
+    assert main(["quantize", "--model", "smollm2-135m", "--precision", "w4a8kv4", "--out", str(out), "--w4-scale",
+                 "signed", "--no-smoothing", "--no-pre-rope", "--no-post-rope", "--quiet"]) == 0
+    qc = validate_quantized(out, "w4a8kv4")
+    assert qc["fireq"]["w4_scale"] == "signed" and "-min(W, 0)/8" in qc["weights"]["scale"]
+    w = dict(iter_weights(smollm2, torch.float32))["model.layers.3.self_attn.o_proj.weight"]
+    want, fireq = quantize_w4(w, scale_rule="signed"), quantize_w4(w)
+    t = _tensors(out)
+    got = t["model.layers.3.self_attn.o_proj.scales"]
+    assert torch.equal(got.view(torch.uint8), want.scales.view(torch.uint8))
+    assert torch.equal(t["model.layers.3.self_attn.o_proj.qweight"], want.qweight)
+    assert not torch.equal(got.view(torch.uint8), fireq.scales.view(torch.uint8))
+    eng = Engine(EngineConfig(model=str(out), precision="w4a8kv4", device="cpu"))
+    try:
+        r = eng.generate([[1, 504, 3458, 282, 4649, 314]], SamplingParams(max_tokens=3, temperature=0.0))[0]
+        assert len(r["token_ids"]) == 3
+    finally:
+        eng.close()
 
 
 def test_fp8_checkpoint_round_trip(tmp_path):
