@@ -26,7 +26,7 @@ def parse(spec: str) -> dict:
     fields = {f.name: f.type for f in dataclasses.fields(FireQConfig)}
     if name not in fields or not value:
         raise SystemExit(f"--set {spec!r}: expected CONSTANT=VALUE with CONSTANT one of {sorted(fields)}")
-    typ = fields.get(name)
+    typ = fields[name]
     return {name: int(value) if typ in (int, "int") else value if typ in (str, "str") else float(value)}
 
 
